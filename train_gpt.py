@@ -128,9 +128,9 @@ class Hyperparameters:
 SMOKE_PRESET = dict(
     data_path="./data/smoke", tokenizer_path="./data/smoke/smoke_caseops_1024.model",
     vocab_size=1024, num_layers=6, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8,
-    loop_start=2, loop_end=3, parallel_start_layer=4, train_batch_tokens=8 * 1024,
+    loop_start=2, loop_end=3, parallel_start_layer=4, train_batch_tokens=8 * 512,
     train_seq_len=256, iterations=40, max_wallclock_seconds=0.0, warmup_steps=1,
-    train_log_every=5, val_batch_tokens=4096, gptq_reserve_seconds=0.0,
+    train_log_every=5, val_batch_tokens=4096, gptq_reserve_seconds=0.0, ema_decay=0.9,
 )
 # Names used by earlier record scripts, each mapped to what replaces it here.
 RENAMED = {
@@ -461,3 +461,728 @@ def check_disjoint(spec: DataSpec, log) -> None:
         if overlap:
             raise DataError(f"{f}: {len(overlap)} documents also appear in the val split")
     log(f"check_disjoint: {len(val)} val docs, none in {len(spec.train_files)} train shards")
+
+
+class TrainLoader:
+    """Sequential document packing, the same for every world size.
+
+    Each optimizer step consumes one global span of 8 slots of (slot_tokens + 1) tokens from the
+    shards in order (inputs = slot[:-1], targets = slot[1:]). Rank r's micro-step i reads slot
+    r * grad_accum + i, so 1 and 8 GPUs train on identical batches. A background thread keeps two
+    steps ready in pinned memory. The stream starts at the first BOS and wraps after the last shard.
+    """
+
+    def __init__(self, files: list, slot_tokens: int, d: Dist, prefetch: int = 2):
+        self.files, self.slot, self.d = files, slot_tokens + 1, d
+        self.queue = queue.Queue(maxsize=prefetch)
+        threading.Thread(target=self._fill, daemon=True).start()
+
+    def _spans(self):
+        need, index = 8 * self.slot, 0
+        tokens = read_shard(self.files[0])
+        pos = int(np.argmax(tokens == 1))
+        while True:
+            if pos + need > tokens.size:
+                index = (index + 1) % len(self.files)
+                tokens, pos = read_shard(self.files[index]), 0
+                if tokens.size < need:
+                    raise DataError(f"{self.files[index]}: shard smaller than one step "
+                                    f"({need} tokens); lower TRAIN_BATCH_TOKENS")
+            yield tokens[pos:pos + need]
+            pos += need
+
+    def _fill(self):
+        first = self.d.rank * self.d.grad_accum
+        for span in self._spans():
+            mine = span[first * self.slot:(first + self.d.grad_accum) * self.slot]
+            batch = torch.from_numpy(mine.astype(np.int32)).view(self.d.grad_accum, self.slot)
+            self.queue.put(batch.pin_memory() if self.d.device.type == "cuda" else batch)
+
+    def next_step(self):
+        """One (inputs, targets) pair of shape [1, slot_tokens] per micro-step of this rank."""
+        batch = self.queue.get().to(self.d.device, non_blocking=True).long()
+        return [(row[None, :-1], row[None, 1:]) for row in batch]
+
+
+# ------------------------------------------------------------------------------------------------
+# Model
+# 11 blocks x 512, GQA 8/4, partial RoPE, per-head QK gain, XSA, LeakyReLU(0.5)^2 MLP, tied
+# embeddings with a softcap, U-Net skips, a 3x loop over layers 3-5, two parallel lanes from layer
+# 8, SmearGate and one attention output gate. There is ONE forward: training, every eval and TTT
+# call GPT.forward; documents are found from BOS inside it, and TTT adapters are an argument.
+# ------------------------------------------------------------------------------------------------
+
+try:
+    from flash_attn_interface import flash_attn_varlen_func  # FlashAttention-3 (Hopper)
+except ImportError:
+    flash_attn_varlen_func = None
+try:
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+except ImportError:
+    BlockMask = flex_attention = None
+FLEX_BLOCK = 128
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def segment_ids(idx: torch.Tensor, bos_id: int, max_len: int) -> torch.Tensor:
+    """Attention segment of every position: a new one at each BOS, at each row start, and every
+    max_len tokens inside a long document. Tokens attend only within their segment (causally)."""
+    pos = torch.arange(idx.size(1), device=idx.device).expand_as(idx)
+    doc_start = torch.where(idx == bos_id, pos, torch.zeros_like(pos)).cummax(dim=1).values
+    starts = (idx == bos_id) | ((pos - doc_start) % max_len == 0)
+    return starts.long().cumsum(dim=1).to(torch.int32)
+
+
+def flex_doc_mask(seg: torch.Tensor):
+    """BlockMask for causal attention inside segments, built from per-row segment ids.
+
+    Segment ids never decrease along a row, so a key block can reach a query block only if its last
+    id is at least the query block's first id, and the pair is fully visible when both blocks
+    hold one single segment and the key block lies strictly before the query block."""
+    B, T = seg.shape
+    blocks = seg.view(B, T // FLEX_BLOCK, FLEX_BLOCK)
+    first, last = blocks[..., 0], blocks[..., -1]
+    qi = torch.arange(T // FLEX_BLOCK, device=seg.device)
+    causal = qi[None, :] <= qi[:, None]
+    any_ = causal & (last[:, None, :] >= first[:, :, None])
+    full = causal & (qi[None, :] < qi[:, None]) & (first[:, None, :] == last[:, :, None])
+    partial = any_ & ~full
+
+    def to_indices(m):
+        counts = m.sum(-1, dtype=torch.int32)
+        order = torch.argsort(m.to(torch.int8), dim=-1, descending=True, stable=True)
+        return counts[:, None], order.to(torch.int32)[:, None]
+
+    def mask_mod(b, h, q, k):
+        return (seg[b, q] == seg[b, k]) & (q >= k)
+
+    return BlockMask.from_kv_blocks(*to_indices(partial), *to_indices(full),
+                                    BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, seq_lengths=(T, T))
+
+
+def varlen_cu_seqlens(seg: torch.Tensor, bucket: int = 256):
+    """cu_seqlens for FA3 varlen over the flattened rows, padded with the total length to a
+    multiple of `bucket` entries so that the compiled graph sees few distinct shapes."""
+    flat = (seg + seg.size(1) * torch.arange(seg.size(0), device=seg.device)[:, None]).flatten()
+    starts = torch.nonzero(torch.diff(flat, prepend=flat[:1] - 1)).flatten()
+    total = torch.tensor([flat.numel()], device=seg.device)
+    n = starts.numel() + 1
+    pad = total.expand((n + bucket - 1) // bucket * bucket - n)
+    return torch.cat([starts, total, pad]).to(torch.int32)
+
+
+@torch.compiler.disable
+def fa3_attention(q, k, v, cu_seqlens, max_len):
+    B, T = q.shape[:2]
+    y = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens,
+                               cu_seqlens, max_len, max_len, causal=True)
+    return (y[0] if isinstance(y, tuple) else y).view(B, T, *q.shape[2:])
+
+
+def attention(q, k, v, seg, backend: str, max_len: int):
+    """Causal attention within segments. q: [B,T,H,hd]; k, v: [B,T,Hkv,hd]."""
+    if backend == "fa3":
+        return fa3_attention(q, k, v, seg, max_len)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if backend == "flex":
+        y = flex_attention(q, k, v, block_mask=flex_doc_mask(seg), enable_gqa=True)
+    else:  # sdpa with an explicit mask: CPU smoke runs and tests
+        t = torch.arange(seg.size(1), device=seg.device)
+        mask = (seg[:, :, None] == seg[:, None, :]) & (t[:, None] >= t[None, :])
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
+    return y.transpose(1, 2)
+
+
+def pick_attention_backend(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "sdpa"
+    return "fa3" if flash_attn_varlen_func is not None else "flex"
+
+
+def apply_rope(x, cos, sin, dims: int):
+    """Rotate-half RoPE on the first `dims` channels of each head; the rest pass unchanged."""
+    x1, x2, rest = x[..., :dims // 2], x[..., dims // 2:dims], x[..., dims:]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.cat((x1 * c - x2 * s, x1 * s + x2 * c, rest), dim=-1)
+
+
+def lora_delta(x, ab, scale: float):
+    """Per-document low-rank update: x [B,T,in], A [B,r,in], B [B,out,r]."""
+    a, b = ab
+    return (x @ a.transpose(1, 2)) @ b.transpose(1, 2) * scale
+
+
+class CastedLinear(nn.Linear):
+    """fp32 master weight, matmul in the activation dtype."""
+
+    def __init__(self, d_in: int, d_out: int, zero_init: bool = False):
+        super().__init__(d_in, d_out, bias=False)
+        nn.init.zeros_(self.weight) if zero_init else nn.init.orthogonal_(self.weight)
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+class Attention(nn.Module):
+    def __init__(self, h: Hyperparameters):
+        super().__init__()
+        d, kv = h.model_dim, h.num_kv_heads * h.head_dim
+        self.h, self.heads, self.kv_heads, self.hd = h, h.num_heads, h.num_kv_heads, h.head_dim
+        self.c_q, self.c_k, self.c_v = CastedLinear(d, d), CastedLinear(d, kv), CastedLinear(d, kv)
+        self.proj = CastedLinear(d, d, zero_init=True)
+        self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
+        if h.attn_gate == "dense":  # Qwen-style headwise gate, ~0.5 at init
+            self.attn_gate_w = nn.Parameter(torch.randn(h.num_heads, d) * 0.005)
+        elif h.attn_gate in ("sparse", "out"):  # zero init: 0.5 (sparse) or exactly 1 (out)
+            self.attn_gate_w = nn.Parameter(torch.zeros(h.num_heads, h.gate_window))
+
+    def gate(self, y, n):
+        kind, w = self.h.attn_gate, getattr(self, "attn_gate_w", None)
+        if kind == "none":
+            return y
+        if kind == "dense":
+            g = torch.sigmoid(n @ w.to(n.dtype).T)
+        elif kind == "sparse":
+            g = torch.sigmoid(self.h.sparse_attn_gate_scale * (n[..., :w.size(1)] @ w.to(n.dtype).T))
+        else:
+            g = 2 * torch.sigmoid(n[..., :w.size(1)] @ w.to(n.dtype).T)
+        return y * g[..., None]
+
+    def forward(self, n, seg, cos, sin, backend: str, lora=None):
+        B, T, _ = n.shape
+        q, k, v = self.c_q(n), self.c_k(n), self.c_v(n)
+        if lora is not None:
+            q, k, v = (t + lora_delta(n, lora[name], lora["scale"]) for t, name in
+                       ((q, "q"), (k, "k"), (v, "v")))
+        q = rms_norm(q.view(B, T, self.heads, self.hd))
+        k = rms_norm(k.view(B, T, self.kv_heads, self.hd))
+        v = v.view(B, T, self.kv_heads, self.hd)
+        q = apply_rope(q, cos, sin, self.h.rope_dims) * self.q_gain.to(q.dtype)[:, None]
+        k = apply_rope(k, cos, sin, self.h.rope_dims)
+        y = attention(q, k, v, seg, backend, self.h.train_seq_len)
+        # XSA: remove from each head the component along its own token's (normalized) value
+        yg = y.view(B, T, self.kv_heads, self.heads // self.kv_heads, self.hd)
+        vn = F.normalize(v, dim=-1)[:, :, :, None, :]
+        y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, self.heads, self.hd)
+        out = self.proj(self.gate(y, n).reshape(B, T, -1))
+        return out if lora is None else out + lora_delta(n, lora["o"], lora["scale"])
+
+
+class MLP(nn.Module):
+    def __init__(self, h: Hyperparameters):
+        super().__init__()
+        self.fc = CastedLinear(h.model_dim, h.mlp_mult * h.model_dim)
+        self.proj = CastedLinear(h.mlp_mult * h.model_dim, h.model_dim, zero_init=True)
+
+    def forward(self, n, lora=None):
+        out = self.proj(F.leaky_relu(self.fc(n), 0.5).square())
+        return out if lora is None else out + lora_delta(n, lora["mlp"], lora["scale"])
+
+
+class Block(nn.Module):
+    """A sequential block, or (physical layer >= parallel_start_layer) a two-lane parallel block:
+    attention reads lane 0 (mixed with x0), the MLP reads lane 1, both lanes get both outputs."""
+
+    def __init__(self, h: Hyperparameters, layer: int):
+        super().__init__()
+        d = h.model_dim
+        self.attn, self.mlp, self.parallel = Attention(h), MLP(h), layer >= h.parallel_start_layer
+        self.attn_scale, self.mlp_scale = nn.Parameter(torch.ones(d)), nn.Parameter(torch.ones(d))
+        self.resid_mix = nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)]))
+        self.register_buffer("ln_scale", torch.tensor(1 / math.sqrt(layer + 1)), persistent=False)
+        if self.parallel:
+            self.lane_resid = nn.Parameter(torch.full((2,), 1.1))
+            self.lane_post = nn.Parameter(torch.ones(2, 2))
+
+    def forward(self, x, lane1, x0, seg, cos, sin, backend: str, lora=None):
+        mix, s = self.resid_mix.to(x.dtype), self.ln_scale.to(x.dtype)
+        xin = mix[0] * x + mix[1] * x0
+        a = self.attn_scale.to(x.dtype) * self.attn(rms_norm(xin) * s, seg, cos, sin, backend, lora)
+        if not self.parallel:
+            x1 = xin + a
+            return x1 + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x1) * s, lora), None
+        m = self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(lane1) * s, lora)
+        r, p = self.lane_resid.to(x.dtype), self.lane_post.to(x.dtype)
+        return r[0] * x + p[0, 0] * a + p[1, 0] * m, r[1] * lane1 + p[0, 1] * a + p[1, 1] * m
+
+
+def softcap_nll(hidden, weight, targets, softcap: float, head_delta=None):
+    """Per-token NLL (fp32) of the full softmax over softcapped tied-embedding logits."""
+    logits = F.linear(hidden, weight.to(hidden.dtype))
+    if head_delta is not None:
+        logits = logits + head_delta
+    logits = softcap * torch.tanh(logits.float() / softcap)
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+
+
+class GPT(nn.Module):
+    def __init__(self, h: Hyperparameters, bos_id: int, backend: str):
+        super().__init__()
+        self.h, self.bos_id, self.backend, self.looping = h, bos_id, backend, False
+        self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
+        nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
+        self.blocks = nn.ModuleList(Block(h, i) for i in range(h.num_layers))
+        n_skip = len(self.layer_order(True)) // 2
+        self.skip_weights = nn.Parameter(torch.ones(n_skip, h.model_dim))
+        self.skip_gates = nn.Parameter(torch.zeros(n_skip, h.model_dim))
+        if h.smear_gate_enabled:
+            self.smear_w = nn.Parameter(torch.zeros(1, h.gate_window))
+            self.smear_lambda = nn.Parameter(torch.zeros(()))
+        self.compute_dtype = torch.bfloat16 if backend != "sdpa" else torch.float32
+        self.nll = softcap_nll
+
+    def layer_order(self, looping: bool) -> list:
+        """Physical layer of every virtual position: 0..10, or with the loop 0,1,2,(3,4,5)x3,6..10."""
+        h, layers = self.h, list(range(self.h.num_layers))
+        if not looping:
+            return layers
+        loop = layers[h.loop_start:h.loop_end + 1]
+        return layers[:h.loop_start] + loop * (h.num_loops + 1) + layers[h.loop_end + 1:]
+
+    def embed(self, idx):
+        """Token embedding, SmearGate (never across a BOS: the BOS fix), then RMSNorm."""
+        e = self.tok_emb(idx).to(self.compute_dtype)
+        if self.h.smear_gate_enabled:
+            w = self.smear_w.to(e.dtype)
+            gate = self.smear_lambda.to(e.dtype) * torch.sigmoid(e[..., :w.size(1)] @ w.T)
+            prev = F.pad(e[:, :-1], (0, 0, 1, 0)) * (idx != self.bos_id)[..., None]
+            e = e + gate * prev
+        return rms_norm(e)
+
+    def rope(self, T: int, device):
+        d = self.h.rope_dims
+        inv = self.h.rope_base ** (-torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
+        f = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv)
+        return f.cos().to(self.compute_dtype), f.sin().to(self.compute_dtype)
+
+    def attention_segments(self, idx):
+        seg = segment_ids(idx, self.bos_id, self.h.train_seq_len)
+        return varlen_cu_seqlens(seg) if self.backend == "fa3" else seg
+
+    def hidden(self, idx, lora=None):
+        x0 = self.embed(idx)
+        seg, (cos, sin) = self.attention_segments(idx), self.rope(idx.size(1), idx.device)
+        order = self.layer_order(self.looping)
+        n_enc, skips, x, lane1 = len(order) // 2, [], x0, None
+        for i, layer in enumerate(order):
+            block = self.blocks[layer]
+            if n_enc <= i < 2 * n_enc:  # U-Net: decoder position j merges encoder output -j-1
+                j, skip = i - n_enc, skips.pop()
+                g = torch.sigmoid(self.skip_gates[j]).to(x.dtype)
+                x = g * x + (1 - g) * self.skip_weights[j].to(x.dtype) * skip
+            if block.parallel and lane1 is None:
+                lane1 = x
+            x, lane1 = block(x, lane1, x0, seg, cos, sin, self.backend,
+                             None if lora is None else lora["layers"][i])
+            if i < n_enc:
+                skips.append(x)
+        return rms_norm(x if lane1 is None else 0.5 * (x + lane1))
+
+    def forward(self, idx, targets, lora=None):
+        """Per-token NLL [B, T] in nats; callers reduce (mean for training, sums for BPB)."""
+        x = self.hidden(idx, lora)
+        delta = None if lora is None else lora_delta(x, lora["head"], lora["scale"])
+        return self.nll(x, self.tok_emb.weight, targets, self.h.logit_softcap, delta)
+
+
+def compile_model(model: GPT) -> None:
+    """Regional compilation: every block shares one compiled graph per variant (sequential or
+    parallel, train or eval), so the loop on/off switch costs no recompile."""
+    torch._dynamo.config.cache_size_limit = 64
+    full = model.backend != "fa3"  # FA3 runs outside the graph (a graph break by design)
+    for block in model.blocks:
+        block.compile(fullgraph=full, dynamic=False)
+    model.nll = torch.compile(softcap_nll, fullgraph=True, dynamic=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Optimizer
+# Muon for the block matrices: Nesterov momentum, row normalization (MuonEq-R), 5 Polar Express
+# Newton-Schulz steps, decoupled weight decay, scale sqrt(max(1, rows/cols)). Matrices of one shape
+# form a stack; each rank reduce-scatters the stack's gradient, orthogonalizes its shard and
+# all-gathers the updates. AdamW handles the tied embedding and the small control tensors.
+# ------------------------------------------------------------------------------------------------
+
+POLAR_EXPRESS = (  # per-iteration (a, b, c), from the Polar Express paper via PR #1344/#1787
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+
+def orthogonalize(g: torch.Tensor, steps: int) -> torch.Tensor:
+    """Approximate U V^T of each matrix in the stack g [n, rows, cols] (bf16 iterations)."""
+    x = g.bfloat16()
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for a, b, c in POLAR_EXPRESS[:steps]:
+        s = x @ x.mT
+        x = a * x + (b * s + c * s @ s) @ x
+    return (x.mT if tall else x).float()
+
+
+def is_muon_param(name: str, p: torch.Tensor) -> bool:
+    return p.ndim == 2 and name.startswith("blocks.") and name.endswith(".weight")
+
+
+class Muon:
+    def __init__(self, named_params: list, d: Dist, h: Hyperparameters):
+        self.d, self.h, self.stacks = d, h, {}
+        for _, p in named_params:
+            self.stacks.setdefault(tuple(p.shape), []).append(p)
+        self.state = {}
+        for shape, ps in self.stacks.items():
+            shard = -(-len(ps) // d.world_size)  # ceil: stacks are padded to a multiple of world
+            self.state[shape] = dict(buf=torch.zeros(shard, *shape, device=d.device), grad=None)
+
+    def reduce_grads(self) -> list:
+        """Start the reduce-scatter of every stack; returns the handles to wait on."""
+        handles, W = [], self.d.world_size
+        for shape, ps in self.stacks.items():
+            st = self.state[shape]
+            full = torch.zeros(st["buf"].size(0) * W, *shape, device=self.d.device)
+            torch.stack([p.grad for p in ps], out=full[:len(ps)])
+            if W == 1:
+                st["grad"] = full
+                continue
+            st["grad"] = torch.empty_like(st["buf"])
+            handles.append(reduce_scatter_avg(st["grad"], full))
+        return [hd for hd in handles if hd is not None]
+
+    def sq_norm(self) -> torch.Tensor:
+        return sum(st["grad"].square().sum() for st in self.state.values())
+
+    @torch.no_grad()
+    def step(self, lr: float, momentum: float, clip: torch.Tensor):
+        for shape, ps in self.stacks.items():
+            st = self.state[shape]
+            g = st["grad"] * clip
+            st["buf"].mul_(momentum).add_(g)
+            u = g + momentum * st["buf"]  # Nesterov
+            u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-7)  # MuonEq-R row normalization
+            update = orthogonalize(u, self.h.muon_backend_steps) * math.sqrt(max(1, shape[0] / shape[1]))
+            full = all_gather_cat(update, self.d)
+            for p, upd in zip(ps, full):
+                p.mul_(1 - lr * self.h.muon_wd).add_(upd, alpha=-lr)
+
+
+def reduce_scatter_avg(out: torch.Tensor, full: torch.Tensor):
+    if dist.get_backend() == "nccl":
+        return dist.reduce_scatter_tensor(out, full, op=dist.ReduceOp.AVG, async_op=True)
+    dist.all_reduce(full)  # gloo (CPU tests) has no reduce-scatter
+    out.copy_(full.chunk(dist.get_world_size())[dist.get_rank()] / dist.get_world_size())
+    return None
+
+
+def all_gather_cat(shard: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.world_size == 1:
+        return shard
+    full = torch.empty(d.world_size * shard.size(0), *shard.shape[1:], device=shard.device)
+    if dist.get_backend() == "nccl":
+        dist.all_gather_into_tensor(full, shard)
+    else:
+        dist.all_gather(list(full.chunk(d.world_size)), shard)
+    return full
+
+
+class Optimizers:
+    """Muon + AdamW with one global-norm clip, identical on every rank and every world size."""
+
+    def __init__(self, model: GPT, d: Dist, h: Hyperparameters):
+        named = list(model.named_parameters())
+        self.muon = Muon([(n, p) for n, p in named if is_muon_param(n, p)], d, h)
+        emb = [model.tok_emb.weight]
+        small = [p for n, p in named if not is_muon_param(n, p) and p is not model.tok_emb.weight]
+        self.replicated = emb + small
+        self.adam = torch.optim.AdamW(
+            [dict(params=emb, lr=h.tied_embed_lr, weight_decay=h.embed_wd),
+             dict(params=small, lr=h.scalar_lr, weight_decay=h.adam_wd)],
+            betas=(h.beta1, h.beta2), eps=h.adam_eps, fused=d.device.type == "cuda")
+        self.base_lrs = [g["lr"] for g in self.adam.param_groups]
+        self.d, self.h = d, h
+
+    def step(self, lr_mult: float, momentum: float) -> float:
+        handles = self.muon.reduce_grads()
+        grads = [p.grad for p in self.replicated]
+        if self.d.world_size > 1:
+            flat = torch.cat([g.flatten() for g in grads])
+            dist.all_reduce(flat, op=dist.ReduceOp.AVG if dist.get_backend() == "nccl" else dist.ReduceOp.SUM)
+            if dist.get_backend() != "nccl":
+                flat /= self.d.world_size
+            torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
+        for hd in handles:
+            hd.wait()
+        sq = all_reduce(self.muon.sq_norm().reshape(1)) + sum(g.square().sum() for g in grads)
+        norm = sq.sqrt().squeeze()
+        clip = (self.h.grad_clip_norm / (norm + 1e-6)).clamp(max=1.0) if self.h.grad_clip_norm else norm * 0 + 1
+        torch._foreach_mul_(grads, clip)
+        for g, base in zip(self.adam.param_groups, self.base_lrs):
+            g["lr"] = base * lr_mult
+        self.adam.step()
+        self.muon.step(self.h.matrix_lr * lr_mult, momentum, clip)
+        return norm
+
+    def zero_grad(self):
+        for p in self.muon_params():
+            p.grad = None
+        self.adam.zero_grad(set_to_none=True)
+
+    def muon_params(self):
+        return [p for ps in self.muon.stacks.values() for p in ps]
+
+
+def lr_multiplier(frac: float, h: Hyperparameters) -> float:
+    """1 until the warmdown, then linear to MIN_LR at the end of training (no LR warmup)."""
+    if frac < 1 - h.warmdown_frac:
+        return 1.0
+    return max((1 - frac) / h.warmdown_frac, h.min_lr)
+
+
+def muon_momentum(step: int, h: Hyperparameters) -> float:
+    t = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps else 1.0
+    return h.muon_momentum_warmup_start + t * (h.muon_momentum - h.muon_momentum_warmup_start)
+
+
+class EMA:
+    """fp32 shadow of every parameter, e <- decay * e + (1 - decay) * p after each step."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.params = list(model.parameters())
+        self.shadow = [p.detach().float().clone() for p in self.params]
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self):
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1 - self.decay)
+
+    @torch.no_grad()
+    def copy_to_model(self):
+        for p, s in zip(self.params, self.shadow):
+            p.copy_(s)
+
+
+# ------------------------------------------------------------------------------------------------
+# Quantization and packing
+# ------------------------------------------------------------------------------------------------
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation
+# Scores are sums of fp32 token NLLs (nats) and of target bytes, accumulated in float64 and
+# all-reduced; BPB = nll / (ln 2 * bytes). Every target of the val stream is scored exactly once
+# and the count is logged.
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Score:
+    nll: float
+    bytes: int
+    tokens: int
+
+    @property
+    def loss(self) -> float:
+        return self.nll / max(self.tokens, 1)
+
+    @property
+    def bpb(self) -> float:
+        return self.nll / (math.log(2) * max(self.bytes, 1))
+
+
+def reduce_score(nll: torch.Tensor, nbytes: torch.Tensor, ntok: torch.Tensor) -> Score:
+    t = all_reduce(torch.stack([nll.double(), nbytes.double(), ntok.double()]))
+    return Score(t[0].item(), int(t[1].item()), int(t[2].item()))
+
+
+@torch.no_grad()
+def eval_val(model: GPT, val: ValData, d: Dist, window: int) -> Score:
+    """Non-overlapping diagnostic eval: the stream cut into windows of `window` tokens (documents
+    still attend only within themselves), windows dealt round-robin to ranks."""
+    n, dev = val.num_targets, d.device
+    acc = torch.zeros(3, dtype=torch.float64, device=dev)
+    for w in range(d.rank, -(-n // window), d.world_size):
+        s, e = w * window, min(w * window + window, n)
+        x = torch.zeros(window, dtype=torch.long)
+        y = torch.zeros(window, dtype=torch.long)
+        x[:e - s], y[:e - s] = val.tokens[s:e], val.tokens[s + 1:e + 1]
+        nll = model(x[None].to(dev), y[None].to(dev))[0, :e - s]
+        acc += torch.stack([nll.double().sum(), val.target_bytes[s:e].sum().to(dev).double(),
+                            torch.tensor(e - s, device=dev, dtype=torch.float64)])
+    return reduce_score(*acc)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# The clock runs only around optimizer steps: compile warmup (synthetic tokens, state restored
+# afterwards) and evals are outside it. Progress is elapsed / (cap - GPTQ reserve), all-reduced
+# with MAX every step so every rank switches the loop on and stops on the same step.
+# ------------------------------------------------------------------------------------------------
+
+
+def synthetic_batches(h: Hyperparameters, d: Dist, gen: torch.Generator) -> list:
+    """Random tokens with BOS every ~300 tokens: warms the compiled graphs without any real data."""
+    out = []
+    for _ in range(d.grad_accum):
+        row = torch.randint(4, h.vocab_size, (h.slot_tokens + 1,), generator=gen)
+        row[torch.rand(row.numel(), generator=gen) < 1 / 300] = 1
+        row = row.to(d.device)
+        out.append((row[None, :-1], row[None, 1:]))
+    return out
+
+
+def forward_backward(model: GPT, batches: list) -> torch.Tensor:
+    total = 0.0
+    for x, y in batches:
+        loss = model(x, y).mean()
+        (loss / len(batches)).backward()
+        total = total + loss.detach()
+    return total / len(batches)
+
+
+def compile_warmup(model: GPT, h: Hyperparameters, d: Dist, val_window: int) -> None:
+    """Run every graph variant (loop off/on, train and eval) on synthetic tokens, then restore the
+    initial weights; the optimizers used here are thrown away."""
+    initial = copy.deepcopy(model.state_dict())
+    opt, gen = Optimizers(model, d, h), torch.Generator().manual_seed(1234)
+    for looping in (False, True):
+        model.looping = looping
+        for _ in range(h.warmup_steps):
+            forward_backward(model, synthetic_batches(h, d, gen))
+            opt.step(1.0, h.muon_momentum_warmup_start)
+            opt.zero_grad()
+        with torch.no_grad():
+            x, y = synthetic_batches(h, d, gen)[0]
+            model(x[:, :val_window], y[:, :val_window])
+    model.load_state_dict(initial)
+    model.looping = False
+
+
+class Clock:
+    """Training time in ms, synchronized across ranks (MAX) so decisions are collective."""
+
+    def __init__(self, d: Dist):
+        self.d, self.start, self.paused = d, time.perf_counter(), 0.0
+
+    def elapsed_ms(self) -> float:
+        if self.d.device.type == "cuda":
+            torch.cuda.synchronize(self.d.device)
+        t = torch.tensor([1000 * (time.perf_counter() - self.start - self.paused)], device=self.d.device)
+        return all_reduce(t, dist.ReduceOp.MAX if dist.is_initialized() else None).item()
+
+    @contextmanager
+    def pause(self):
+        t0 = time.perf_counter()
+        yield
+        self.paused += time.perf_counter() - t0
+
+
+def train(model: GPT, h: Hyperparameters, d: Dist, spec: DataSpec, val: ValData, log) -> dict:
+    loader, opt = TrainLoader(spec.train_files, h.slot_tokens, d), Optimizers(model, d, h)
+    ema, clock = EMA(model, h.ema_decay), Clock(d)
+    cap_ms = 1000 * (h.max_wallclock_seconds - h.gptq_reserve_seconds)
+    step, loop_at, loop_ms, elapsed = 0, None, 0.0, 0.0
+    while True:
+        frac = elapsed / cap_ms if h.max_wallclock_seconds > 0 else step / h.iterations
+        if frac >= 1 or step >= h.iterations:
+            break
+        if not model.looping and h.num_loops > 0 and frac >= h.enable_looping_at:
+            model.looping, loop_at, loop_ms = True, step, elapsed
+            log(f"layer_loop:enabled step:{step} frac:{frac:.3f} order:{model.layer_order(True)}")
+        loss = forward_backward(model, loader.next_step())
+        opt.step(lr_multiplier(frac, h), muon_momentum(step, h))
+        opt.zero_grad()
+        ema.update()
+        step += 1
+        elapsed = clock.elapsed_ms()
+        if step <= 5 or step % h.train_log_every == 0:
+            log(f"{step}/{h.iterations} train_loss: {loss.item():.4f} train_time: {elapsed / 6e4:.2f}m "
+                f"step_avg: {elapsed / step:.1f}ms tok/s: {step * h.train_batch_tokens / elapsed * 1e3:.0f}")
+        if h.val_loss_every and step % h.val_loss_every == 0:
+            with clock.pause():
+                s = eval_val(model, val, d, h.slot_tokens)
+            log(f"{step}/{h.iterations} val_loss: {s.loss:.4f} val_bpb: {s.bpb:.4f}")
+    log(f"stopping: step {step} train_time {elapsed / 1000:.1f}s (cap {cap_ms / 1000:.1f}s)")
+    ema.copy_to_model()
+    pre_loop = loop_ms / loop_at if loop_at else elapsed / max(step, 1)
+    post_loop = (elapsed - loop_ms) / (step - loop_at) if loop_at is not None and step > loop_at else None
+    return dict(steps=step, train_time_s=elapsed / 1000, step_avg_ms=elapsed / max(step, 1),
+                step_avg_ms_noloop=pre_loop, step_avg_ms_loop=post_loop, loop_start_step=loop_at,
+                tokens_per_s=step * h.train_batch_tokens / max(elapsed, 1e-9) * 1000)
+
+
+# ------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------
+
+
+def log_header(log, h: Hyperparameters, d: Dist, spec: DataSpec, val: ValData, backend: str):
+    src = source_text()
+    log(f"source_sha256: {hashlib.sha256(src.encode()).hexdigest()}")
+    log(src, console=False)
+    log(environment_report(d), console=False)
+    log("Hyperparameters:")
+    for k, v in sorted(dataclasses.asdict(h).items()):
+        log(f"  {k}: {v}")
+    log(f"config_hash: {h.config_hash()}")
+    log(f"data: variant {spec.variant} byte_source {spec.byte_source} train_shards "
+        f"{len(spec.train_files)} val_tokens {val.tokens.numel()} val_targets {val.num_targets} "
+        f"val_bytes {int(val.target_bytes.sum())} manifest_sha256 {spec.manifest_sha256[:16]}")
+    log(f"world_size {d.world_size} grad_accum {d.grad_accum} attention {backend}")
+    if d.device.type == "cuda" and backend != "fa3":
+        log("!" * 100 + "\n!!! FlashAttention-3 (flash_attn_interface) is not importable: using "
+            "PyTorch flex attention.\n!!! Same math, slower steps: fewer steps fit the cap, so the "
+            "score is not record-comparable.\n" + "!" * 100)
+
+
+def main():
+    if "--help" in sys.argv[1:]:
+        print(__doc__ + "\n" + config_help())
+        return
+    h = load_config()
+    spec = load_data_spec(h)  # all input checks happen before any GPU work
+    d = init_distributed(h)
+    log, ledger = Logger(h.run_id, d.is_main), Ledger(d.device)
+    val = load_val_data(spec, h)
+    backend = pick_attention_backend(d.device)
+    log_header(log, h, d, spec, val, backend)
+    if h.check_disjoint and d.is_main:
+        check_disjoint(spec, log)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(h.seed)
+    np.random.seed(h.seed)
+    model = GPT(h, spec.bos_id, backend).to(d.device)
+    log(f"model_params: {sum(p.numel() for p in model.parameters())}")
+    if d.device.type == "cuda":
+        compile_model(model)
+    with ledger.phase("compile_warmup"):
+        compile_warmup(model, h, d, h.slot_tokens)
+    log(f"compile_warmup: {ledger.seconds['compile_warmup']:.1f}s")
+    stats = train(model, h, d, spec, val, log)
+    if d.device.type == "cuda":
+        stats["peak_mem_mib"] = torch.cuda.max_memory_allocated(d.device) // 2**20
+    with ledger.phase("eval_prequant"):
+        score = eval_val(model, val, d, h.slot_tokens)
+    log(f"prequant val_loss: {score.loss:.6f} val_bpb: {score.bpb:.6f} tokens {score.tokens} "
+        f"bytes {score.bytes} ({ledger.seconds['eval_prequant']:.1f}s)")
+    if score.tokens != val.num_targets:
+        raise RuntimeError(f"scored {score.tokens} of {val.num_targets} val targets")
+    final = dict(run_id=h.run_id, seed=h.seed, mode="smoke" if h.smoke else "record",
+                 legality="compliant", config_hash=h.config_hash(), world_size=d.world_size,
+                 val_bpb=score.bpb, val_loss=score.loss, val_bpb_prequant=score.bpb,
+                 tokens_scored=score.tokens, bytes_scored=score.bytes,
+                 source_sha256=hashlib.sha256(source_text().encode()).hexdigest(), **stats,
+                 timings={k: round(v, 2) for k, v in ledger.seconds.items()})
+    log("final_json " + json.dumps(final))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
