@@ -1,4 +1,6 @@
+import base64
 import hashlib
+import lzma
 import os
 import subprocess
 import sys
@@ -134,3 +136,18 @@ def test_rejects_non_utf8(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_bytes(b"x = '\xff'\n")
     assert pack.main([str(bad), "-o", str(tmp_path / "o.py")]) == 2
+
+
+def test_check_tolerates_other_lzma_output(toy, tmp_path):
+    # A different liblzma build may emit different (still valid) compressed bytes.
+    data = toy.read_bytes()
+    packed = pack.pack_bytes(data, "toy_train.py").decode()
+    name, sha, _ = pack.unpack_bytes(packed.encode())
+    m = pack._FIELDS.search(packed)
+    other = base64.b85encode(lzma.compress(data, format=lzma.FORMAT_RAW,
+                                           filters=[{"id": lzma.FILTER_LZMA2, "preset": 1}])).decode()
+    assert other != m["payload"]
+    out = tmp_path / "packed.py"
+    out.write_text(packed.replace(m["payload"], other))
+    assert pack.check(str(toy), str(out), "toy_train.py") == []
+    assert run([str(out), "--help"], tmp_path).returncode == 0
