@@ -1,0 +1,28 @@
+"""Synthetic train_gpt.py logs for the tool tests."""
+import json
+
+
+def final(seed, val_loss, **over):
+    """A plausible final_json record; bytes/token 4.0 so nats/token = bpb * 4 ln2."""
+    import math
+    rec = {
+        "run_id": f"t_seed{seed}", "seed": seed, "mode": "record", "legality": "compliant",
+        "config_hash": "cfg123", "source_sha256": "a" * 64, "code_bytes": 20_000,
+        "model_bytes": 15_900_000, "artifact_bytes": 15_920_000, "model_sha256": "b" * 64,
+        "val_loss": val_loss, "val_bpb": val_loss / (4 * math.log(2)),
+        "tokens_scored": 1_000_000, "bytes_scored": 4_000_000, "steps": 5000,
+        "step_avg_ms": 110.5, "eval_strict_s": 480.0,
+    }
+    rec.update(over)
+    return rec
+
+
+def write_log(path, rec, device=None, extra_finals=()):
+    """Write a log with noise lines, optional earlier final_json lines, then `rec` last."""
+    lines = ["hparams: ...", "step:1/5000 train_loss:9.0"]
+    if device:
+        lines.insert(0, f"device: {device}")
+    lines += ["final_json " + json.dumps(r) for r in extra_finals]
+    lines += ["final_json " + json.dumps(rec), "done"]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)

@@ -1,0 +1,240 @@
+import json
+import math
+import os
+import stat
+import sys
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import seeds
+from logutil import final, write_log
+
+
+# ---- Student-t ----
+
+@pytest.mark.parametrize("t, df, p", [
+    (2.0, 10, 0.036694017385370),  # textbook table value
+    (1.0, 1, 0.25),                # Cauchy: 1/2 - atan(1)/pi
+    (0.0, 7, 0.5),
+    (1.959963984540054, 1e7, 0.025),  # large df -> normal
+    (2.763769458112696, 10, 0.01),  # t_{0.99, 10}
+])
+def test_t_sf_known_values(t, df, p):
+    assert seeds.t_sf(t, df) == pytest.approx(p, rel=1e-6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(-50, 50), st.floats(0.5, 200))
+def test_t_sf_symmetry(t, df):
+    assert seeds.t_sf(t, df) + seeds.t_sf(-t, df) == pytest.approx(1.0, abs=1e-12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(-1e3, 1e3))
+def test_t_sf_closed_forms(t):
+    # df=1 (Cauchy) and df=2 have closed-form CDFs.
+    assert seeds.t_sf(t, 1) == pytest.approx(0.5 - math.atan(t) / math.pi, abs=1e-12)
+    assert seeds.t_sf(t, 2) == pytest.approx(0.5 - t / (2 * math.sqrt(2 + t * t)), abs=1e-12)
+
+
+def test_t_sf_matches_scipy_if_available():
+    sp = pytest.importorskip("scipy.stats")
+    for t, df in [(0.3, 2.5), (5, 3.3), (-1.2, 7.7), (30, 2), (8, 1.0), (3.1, 4.27)]:
+        assert seeds.t_sf(t, df) == pytest.approx(sp.t.sf(t, df), rel=1e-9)
+
+
+def test_welch_hand_computed():
+    ours, ref = [2.80, 2.81, 2.82], [2.90, 2.92, 2.94]
+    w = seeds.welch(ours, ref)
+    a, b = 0.0001 / 3, 0.0004 / 3
+    assert w["t"] == pytest.approx(0.11 / math.sqrt(a + b))
+    assert w["df"] == pytest.approx((a + b) ** 2 / (a * a / 2 + b * b / 2))
+    assert w["p"] == pytest.approx(seeds.t_sf(w["t"], w["df"]))
+    assert w["p"] < 0.01
+
+
+def test_bar_test_uses_bar_and_our_se():
+    ours = [2.80, 2.81, 2.82]
+    r = seeds.bar_test(ours, 2.92, 0.005)
+    assert r["t"] == pytest.approx((2.92 - 2.81 - 0.005) / (0.01 / math.sqrt(3)))
+    assert r["df"] == 2
+    assert seeds.welch([1.0], [2.0, 3.0]) is None and seeds.bar_test([1.0], 2.0, 0.005) is None
+
+
+# ---- stats on logs ----
+
+def make_logs(tmp_path, losses, prefix="ours", **over):
+    return [write_log(tmp_path / f"{prefix}{i}.txt", final(s, v, **over))
+            for i, (s, v) in enumerate(zip([42, 0, 1234, 7], losses))]
+
+
+def test_stats_table_and_conversion(tmp_path, capsys):
+    logs = make_logs(tmp_path, [2.80, 2.81, 2.82])
+    assert seeds.main(["stats", *logs]) == 0
+    out = capsys.readouterr().out
+    assert "NON-RECORD" not in out
+    assert "15,920,000" in out and "1234" in out
+    assert "val_loss: mean 2.810000  std 0.010000" in out
+    assert "bytes/token (bytes_scored/tokens_scored): 4.00000" in out
+    assert f"{4 * math.log(2):.5f}" in out
+
+
+def test_stats_uses_last_final_json(tmp_path):
+    path = write_log(tmp_path / "a.txt", final(1, 2.5), extra_finals=[final(1, 9.9)])
+    assert seeds.read_final(path)["val_loss"] == 2.5
+
+
+def test_stats_missing_keys_print_dash(tmp_path, capsys):
+    rec = {k: v for k, v in final(1, 2.8).items() if k not in ("eval_strict_s", "steps")}
+    assert seeds.main(["stats", write_log(tmp_path / "a.txt", rec)]) == 0
+    assert " - " in capsys.readouterr().out
+
+
+def test_stats_against_reports_both_tests(tmp_path, capsys):
+    ours = make_logs(tmp_path, [2.80, 2.81, 2.82])
+    ref = make_logs(tmp_path, [2.90, 2.92, 2.94], prefix="ref", config_hash="old")
+    assert seeds.main(["stats", *ours, "--against", *ref, "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["improvement_nats"] == pytest.approx(0.11)
+    assert s["welch"]["p"] < 0.01 and s["bar"]["p"] < 0.01
+    assert seeds.main(["stats", *ours, "--against", *ref]) == 0
+    out = capsys.readouterr().out
+    assert "Welch, ours < ref" in out and "improvement > 0.005 nats" in out
+    assert out.count("p<0.01: yes") == 2
+
+
+def test_stats_bar_not_met(tmp_path, capsys):
+    ours = make_logs(tmp_path, [2.900, 2.901, 2.902])
+    ref = make_logs(tmp_path, [2.903, 2.904, 2.905], prefix="ref")
+    seeds.main(["stats", *ours, "--against", *ref])
+    assert "improvement > 0.005 nats: t=-" in capsys.readouterr().out
+
+
+def test_reference_without_final_json(tmp_path, capsys):
+    ours = make_logs(tmp_path, [2.80, 2.81, 2.82])
+    ref = []
+    for i, v in enumerate([2.90, 2.92, 2.94]):
+        (tmp_path / f"old{i}.txt").write_text(f"step:1 val_loss:3.0 val_bpb:1.3\n"
+                                              f"final_roundtrip val_loss:{v} val_bpb:1.2\n")
+        ref.append(str(tmp_path / f"old{i}.txt"))
+    assert seeds.main(["stats", *ours, "--against", *ref, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ref_mean"] == pytest.approx(2.92)
+
+
+def test_refuses_mixed_config_hash(tmp_path, capsys):
+    logs = make_logs(tmp_path, [2.80, 2.81])
+    logs.append(write_log(tmp_path / "other.txt", final(9, 2.7, config_hash="different")))
+    assert seeds.main(["stats", *logs]) == 2
+    err = capsys.readouterr().err
+    assert "config_hash differs" in err and "other.txt" in err
+    assert seeds.main(["stats", *logs, "--allow-mixed"]) == 2  # never pool configs
+
+
+def test_refuses_mixed_source_unless_allowed(tmp_path, capsys):
+    logs = make_logs(tmp_path, [2.80, 2.81])
+    logs.append(write_log(tmp_path / "other.txt", final(9, 2.7, source_sha256="c" * 64)))
+    assert seeds.main(["stats", *logs]) == 2
+    assert "--allow-mixed" in capsys.readouterr().err
+    assert seeds.main(["stats", *logs, "--allow-mixed"]) == 0
+
+
+def test_non_record_banner(tmp_path, capsys):
+    logs = make_logs(tmp_path, [2.80, 2.81], mode="smoke")
+    logs.append(write_log(tmp_path / "x.txt", final(5, 2.8, legality="C3: scored after update")))
+    assert seeds.main(["stats", *logs]) == 0
+    out = capsys.readouterr().out
+    assert "NON-RECORD" in out and "mode=smoke" in out and "C3: scored after update" in out
+
+
+def test_unreadable_logs_exit_2(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("no final line\n")
+    assert seeds.main(["stats", str(tmp_path / "a.txt")]) == 2
+    assert "a.txt" in capsys.readouterr().err
+    (tmp_path / "b.txt").write_text("final_json {broken\n")
+    assert seeds.main(["stats", str(tmp_path / "b.txt")]) == 2
+    assert seeds.main(["stats", str(tmp_path / "missing.txt")]) == 2
+
+
+# ---- run ----
+
+def test_run_dry_run_prints_commands(capsys):
+    rc = seeds.main(["run", "--seeds", "42", "0", "--nproc", "8", "--prefix", "exp",
+                     "--env", "ITERATIONS=10", "--dry-run"])
+    assert rc == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines == [
+        "ITERATIONS=10 SEED=42 RUN_ID=exp_seed42 torchrun --standalone --nproc_per_node=8 train_gpt.py",
+        "ITERATIONS=10 SEED=0 RUN_ID=exp_seed0 torchrun --standalone --nproc_per_node=8 train_gpt.py",
+    ]
+
+
+def test_run_rejects_bad_env():
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        seeds.main(["run", "--seeds", "1", "--env", "NOEQUALS", "--dry-run"])
+    with pytest.raises(SystemExit, match="SEED"):
+        seeds.main(["run", "--seeds", "1", "--env", "SEED=3", "--dry-run"])
+
+
+FAKE_TORCHRUN = '''#!{python}
+"""Stands in for torchrun: writes logs/<RUN_ID>.txt like train_gpt.py; seed 666 crashes."""
+import json, os, sys
+seed = int(os.environ["SEED"])
+with open(os.path.join("logs", os.environ["RUN_ID"] + ".txt"), "a") as f:
+    f.write("argv " + " ".join(sys.argv[1:]) + "\\n")
+    if seed == 666:
+        sys.exit(3)
+    rec = {{"seed": seed, "run_id": os.environ["RUN_ID"], "mode": "record", "legality": "compliant",
+           "config_hash": "h", "source_sha256": "s", "val_loss": 2.8 + seed * 1e-4, "val_bpb": 1.0}}
+    f.write("final_json " + json.dumps(rec) + "\\n")
+'''
+
+
+@pytest.fixture
+def fake_torchrun(tmp_path, monkeypatch):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    exe = bindir / "torchrun"
+    exe.write_text(FAKE_TORCHRUN.format(python=sys.executable))
+    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "logs").mkdir()
+    return tmp_path
+
+
+def test_run_launches_each_seed_then_stats(fake_torchrun, capsys):
+    assert seeds.main(["run", "--seeds", "1", "2", "3", "--nproc", "2", "--prefix", "p"]) == 0
+    out = capsys.readouterr().out
+    assert "val_loss: mean 2.800200" in out
+    log = (fake_torchrun / "logs" / "p_seed2.txt").read_text()
+    assert "argv --standalone --nproc_per_node=2 train_gpt.py" in log
+
+
+def test_run_stops_at_first_failure(fake_torchrun, capsys):
+    assert seeds.main(["run", "--seeds", "1", "666", "3", "--prefix", "q"]) == 3
+    assert "q_seed666 failed with exit code 3" in capsys.readouterr().err
+    assert not (fake_torchrun / "logs" / "q_seed3.txt").exists()
+
+
+def test_run_refuses_to_overwrite_logs(fake_torchrun, capsys):
+    (fake_torchrun / "logs" / "r_seed1.txt").write_text("old\n")
+    assert seeds.main(["run", "--seeds", "1", "--prefix", "r"]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_zero_spread_does_not_crash():
+    assert seeds.welch([2.0, 2.0], [3.0, 3.0])["p"] == 0.0
+    assert seeds.bar_test([2.0, 2.0], 2.001, 0.005)["p"] == 1.0
+
+
+def test_metric_bpb_converts_with_our_bytes_per_token(tmp_path, capsys):
+    ours = make_logs(tmp_path, [2.80, 2.81, 2.82])
+    # Reference from another tokenizer: 3 bytes/token, so its val_loss is not comparable.
+    ref = make_logs(tmp_path, [2.80, 2.82, 2.84], prefix="ref", bytes_scored=3_000_000)
+    assert seeds.main(["stats", *ours, "--against", *ref]) == 0
+    assert "bytes/token differs" in capsys.readouterr().err
+    assert seeds.main(["stats", *ours, "--against", *ref, "--metric", "bpb", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    # ref bpb = loss / (4 ln2) (as written by logutil), re-expressed at our 4 bytes/token.
+    assert s["ref_mean"] == pytest.approx(2.82)
