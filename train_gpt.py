@@ -537,29 +537,27 @@ def segment_ids(idx: torch.Tensor, bos_id: int, max_len: int) -> torch.Tensor:
 
 
 def flex_doc_mask(seg: torch.Tensor):
-    """BlockMask for causal attention inside segments, built from per-row segment ids.
+    """BlockMask for causal attention inside segments, from per-row segment ids (no sorting).
 
-    Segment ids never decrease along a row, so a key block can reach a query block only if its last
-    id is at least the query block's first id, and the pair is fully visible when both blocks
-    hold one single segment and the key block lies strictly before the query block."""
+    Ids never decrease along a row, so the key blocks that query block i can see form one run
+    [lo, i]; inside it, the blocks j < i lying wholly in block i's last segment, [flo, i - 1], are
+    fully visible, and the rest, [lo, flo) plus the diagonal, need the element mask."""
     B, T = seg.shape
-    blocks = seg.view(B, T // FLEX_BLOCK, FLEX_BLOCK)
-    first, last = blocks[..., 0], blocks[..., -1]
-    qi = torch.arange(T // FLEX_BLOCK, device=seg.device)
-    causal = qi[None, :] <= qi[:, None]
-    any_ = causal & (last[:, None, :] >= first[:, :, None])
-    full = causal & (qi[None, :] < qi[:, None]) & (first[:, None, :] == last[:, :, None])
-    partial = any_ & ~full
-
-    def to_indices(m):
-        counts = m.sum(-1, dtype=torch.int32)
-        order = torch.argsort(m.to(torch.int8), dim=-1, descending=True, stable=True)
-        return counts[:, None], order.to(torch.int32)[:, None]
+    blocks = seg.view(B, T // FLEX_BLOCK, FLEX_BLOCK).contiguous()
+    first, last = blocks[..., 0].contiguous(), blocks[..., -1].contiguous()
+    i = torch.arange(first.size(1), device=seg.device).expand_as(first)
+    lo = torch.searchsorted(last, first)  # first key block whose last id reaches our first id
+    flo = torch.minimum(torch.searchsorted(first, last), i)  # first block inside our last segment
+    col = torch.arange(first.size(1), device=seg.device)
+    n_part, n_full = flo - lo + 1, i - flo
+    part = torch.where(col < (flo - lo)[..., None], lo[..., None] + col, i[..., None])
+    full = torch.where(col < n_full[..., None], flo[..., None] + col, torch.zeros_like(part))
 
     def mask_mod(b, h, q, k):
         return (seg[b, q] == seg[b, k]) & (q >= k)
 
-    return BlockMask.from_kv_blocks(*to_indices(partial), *to_indices(full),
+    as_i32 = lambda t: t.to(torch.int32)[:, None]  # noqa: E731  (add the head dimension)
+    return BlockMask.from_kv_blocks(as_i32(n_part), as_i32(part), as_i32(n_full), as_i32(full),
                                     BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, seq_lengths=(T, T))
 
 

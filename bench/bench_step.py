@@ -1,0 +1,74 @@
+"""Step-time benchmark of train_gpt.py's model + optimizer on synthetic tokens (one GPU).
+
+  python bench/bench_step.py                       # record batch 786432, then 262144
+  BENCH_BATCHES=786432 BENCH_STEPS=10 python bench/bench_step.py
+
+Prints compile time, ms/step with the loop off and on, tokens/s and peak memory per batch size,
+plus a parity check of the compiled flex-attention document mask against an SDPA reference.
+"""
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train_gpt as tg  # noqa: E402
+
+
+def parity_check(device):
+    """Compiled flex attention with the BOS-derived block mask == SDPA with a dense mask."""
+    torch.manual_seed(0)
+    idx = torch.randint(4, 100, (2, 4096), device=device)
+    idx[torch.rand_like(idx, dtype=torch.float) < 1 / 300] = 1
+    seg = tg.segment_ids(idx, 1, 2048)
+    q = torch.randn(2, 4096, 8, 64, device=device, dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 4096, 4, 64, device=device, dtype=torch.bfloat16) for _ in range(2))
+    flex = torch.compile(lambda q, k, v, s: tg.attention(q, k, v, s, "flex", 2048), fullgraph=True)
+    a, b = flex(q, k, v, seg), tg.attention(q, k, v, seg, "sdpa", 2048)
+    err = ((a.float() - b.float()).norm() / b.float().norm()).item()
+    print(f"parity flex vs sdpa: rel err {err:.2e}")
+    assert err < 2e-2, err
+
+
+def bench(batch_tokens: int, steps: int, d):
+    h = tg.load_config({"TRAIN_BATCH_TOKENS": str(batch_tokens), "WARMUP_STEPS": "3"})
+    torch.manual_seed(0)
+    model = tg.GPT(h, 1, tg.pick_attention_backend(d.device)).to(d.device)
+    tg.compile_model(model)
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    tg.compile_warmup(model, h, d, h.slot_tokens)
+    torch.cuda.synchronize()
+    compile_s = time.perf_counter() - t0
+    opt, gen, out = tg.Optimizers(model, d, h), torch.Generator().manual_seed(1), {}
+    for looping in (False, True):
+        model.looping = looping
+        batches = [tg.synthetic_batches(h, d, gen) for _ in range(steps)]
+        tg.forward_backward(model, batches[0]); opt.step(1.0, 0.95); opt.zero_grad()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for b in batches:
+            tg.forward_backward(model, b)
+            opt.step(1.0, 0.95)
+            opt.zero_grad()
+        torch.cuda.synchronize()
+        out[looping] = 1000 * (time.perf_counter() - t0) / steps
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    print(f"batch {batch_tokens}: compile+warmup {compile_s:.1f}s | ms/step loop-off {out[False]:.1f} "
+          f"({batch_tokens / out[False] * 1e3:,.0f} tok/s) loop-on {out[True]:.1f} "
+          f"({batch_tokens / out[True] * 1e3:,.0f} tok/s) | peak {peak:.1f} GiB", flush=True)
+
+
+def main():
+    d = tg.Dist(0, 1, 0, torch.device("cuda", 0))
+    torch.backends.cuda.matmul.allow_tf32 = True
+    print(torch.__version__, torch.cuda.get_device_name(0), "attention:", tg.pick_attention_backend(d.device))
+    parity_check(d.device)
+    steps = int(os.environ.get("BENCH_STEPS", "6"))
+    for bt in map(int, os.environ.get("BENCH_BATCHES", "786432,262144").split(",")):
+        bench(bt, steps, d)
+
+
+if __name__ == "__main__":
+    main()
