@@ -585,8 +585,8 @@ def attention(q, k, v, seg, backend: str, max_len: int):
     if backend == "fa3":
         return fa3_attention(q, k, v, seg, max_len)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    if backend == "flex":
-        y = flex_attention(q, k, v, block_mask=flex_doc_mask(seg), enable_gqa=True)
+    if backend == "flex":  # seg is the BlockMask, built eagerly (see GPT.attention_segments)
+        y = flex_attention(q, k, v, block_mask=seg, enable_gqa=True)
     else:  # sdpa with an explicit mask: CPU smoke runs and tests
         t = torch.arange(seg.size(1), device=seg.device)
         mask = (seg[:, :, None] == seg[:, None, :]) & (t[:, None] >= t[None, :])
@@ -757,8 +757,13 @@ class GPT(nn.Module):
         return f.cos().to(self.compute_dtype), f.sin().to(self.compute_dtype)
 
     def attention_segments(self, idx):
+        """What the attention backend needs to keep documents apart. Built outside the compiled
+        blocks: a flex BlockMask built inside a compiled region came out wrong on CUDA
+        (torch 2.11), and eager masks are reused by the compiled graph without recompiling."""
         seg = segment_ids(idx, self.bos_id, self.h.train_seq_len)
-        return varlen_cu_seqlens(seg) if self.backend == "fa3" else seg
+        if self.backend == "fa3":
+            return varlen_cu_seqlens(seg)
+        return flex_doc_mask(seg) if self.backend == "flex" else seg
 
     def hidden(self, idx, lora=None):
         x0 = self.embed(idx)

@@ -1,0 +1,172 @@
+"""Model invariants of train_gpt.py on CPU: shapes, identity at init, loop order, lanes, and the
+two leaks records shipped (SmearGate across BOS, attention across documents)."""
+import math
+
+import pytest
+import torch
+
+import train_gpt as tg
+
+BOS = 1
+
+
+def tiny(**over):
+    env = {"SMOKE": "1", "VOCAB_SIZE": "128", **{k: str(v) for k, v in over.items()}}
+    return tg.load_config(env)
+
+
+def randomized(h, backend="sdpa", seed=0):
+    """A model whose every parameter is random, so zero-init gates cannot hide a leak."""
+    torch.manual_seed(seed)
+    model = tg.GPT(h, BOS, backend)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def docs_batch(T=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(4, 128, (2, T), generator=g)
+    idx[:, 0] = BOS
+    idx[0, 100 % T], idx[1, 37], idx[1, 200 % T] = BOS, BOS, BOS
+    return idx
+
+
+def test_forward_shapes_and_initial_loss():
+    h = tiny()
+    model = tg.GPT(h, BOS, "sdpa")
+    idx = docs_batch()
+    nll = model(idx, torch.roll(idx, -1, 1))
+    assert nll.shape == idx.shape and nll.dtype == torch.float32
+    # zero-init output projections + tiny embeddings: the initial prediction is ~uniform
+    assert abs(nll.mean().item() - math.log(h.vocab_size)) < 0.05
+
+
+def test_blocks_are_identity_at_init():
+    h = tiny(ATTN_GATE="out")
+    model = tg.GPT(h, BOS, "sdpa")
+    x = torch.randn(2, 128, h.model_dim)
+    seg = tg.segment_ids(docs_batch(128), BOS, h.train_seq_len)
+    cos, sin = model.rope(128, x.device)
+    for block in model.blocks:
+        if not block.parallel:
+            y, _ = block(x, None, torch.randn_like(x), seg, cos, sin, "sdpa")
+            assert torch.equal(y, x)
+    n = torch.randn(2, 16, h.model_dim)
+    y = torch.randn(2, 16, h.num_heads, h.head_dim)
+    assert torch.equal(model.blocks[0].attn.gate(y, n), y)  # AttnOutGate: 2*sigmoid(0) = 1
+    e = model.tok_emb(docs_batch(64))
+    assert torch.allclose(model.embed(docs_batch(64)), tg.rms_norm(e))  # SmearGate: lambda = 0
+
+
+def test_sparse_gate_is_half_at_init():
+    h = tiny(ATTN_GATE="sparse")
+    attn = tg.GPT(h, BOS, "sdpa").blocks[0].attn
+    y, n = torch.randn(1, 4, h.num_heads, h.head_dim), torch.randn(1, 4, h.model_dim)
+    assert torch.allclose(attn.gate(y, n), 0.5 * y)
+
+
+def test_recurrence_order():
+    h = tg.load_config({})
+    model = tg.GPT.__new__(tg.GPT)
+    model.h = h
+    assert model.layer_order(False) == list(range(11))
+    assert model.layer_order(True) == [0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5, 6, 7, 8, 9, 10]
+
+
+def test_parallel_lanes_follow_the_equations():
+    h = tiny()
+    block = randomized(h).blocks[h.parallel_start_layer]
+    assert block.parallel
+    T = 128
+    x, lane1, x0 = (torch.randn(1, T, h.model_dim) for _ in range(3))
+    seg = tg.segment_ids(torch.full((1, T), 5), BOS, h.train_seq_len)
+    cos, sin = tg.GPT(h, BOS, "sdpa").rope(T, x.device)
+    out0, out1 = block(x, lane1, x0, seg, cos, sin, "sdpa")
+    s = block.ln_scale
+    a = block.attn_scale * block.attn(tg.rms_norm(block.resid_mix[0] * x + block.resid_mix[1] * x0) * s,
+                                      seg, cos, sin, "sdpa")
+    m = block.mlp_scale * block.mlp(tg.rms_norm(lane1) * s)
+    r, p = block.lane_resid, block.lane_post
+    assert torch.allclose(out0, r[0] * x + p[0, 0] * a + p[1, 0] * m, atol=1e-5)
+    assert torch.allclose(out1, r[1] * lane1 + p[0, 1] * a + p[1, 1] * m, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+@pytest.mark.parametrize("looping", [False, True])
+def test_no_information_crosses_a_bos(backend, looping):
+    """Perturb the last token of doc N: nothing at or after the next BOS may change."""
+    h = tiny()
+    model = randomized(h, backend).requires_grad_(False)  # CPU flex has no backward
+    model.looping = looping
+    idx = docs_batch()
+    y = torch.roll(idx, -1, 1)
+    base = model(idx, y)
+    for row, bos in ((0, 100), (1, 37), (1, 200)):
+        pert = idx.clone()
+        pert[row, bos - 1] = (pert[row, bos - 1] + 7) % 120 + 4
+        out = model(pert, y)
+        assert torch.equal(out[row, bos:], base[row, bos:]), f"leak across BOS at {row},{bos}"
+        assert not torch.equal(out[row, :bos], base[row, :bos])  # the perturbation does act
+    other = 1 - 0  # rows never see each other
+    pert = idx.clone()
+    pert[0, 50] += 1
+    assert torch.equal(model(pert, y)[other], base[other])
+
+
+def test_smear_gate_without_bos_fix_would_leak():
+    """The same check fails if the BOS mask is removed: the test has teeth."""
+    h = tiny()
+    model = randomized(h)
+    model.bos_id = -1  # no token is treated as BOS by the smear mask (nor by attention)
+    idx = docs_batch()
+    y = torch.roll(idx, -1, 1)
+    pert = idx.clone()
+    pert[0, 99] = (pert[0, 99] + 7) % 120 + 4
+    assert not torch.equal(model(pert, y)[0, 100:], model(idx, y)[0, 100:])
+
+
+def test_causality_within_a_document():
+    h = tiny()
+    model = randomized(h)
+    idx = docs_batch()
+    y = torch.roll(idx, -1, 1)
+    base = model(idx, y)
+    pert = idx.clone()
+    pert[0, 60] = (pert[0, 60] + 3) % 120 + 4
+    out = model(pert, y)
+    assert torch.equal(out[0, :60], base[0, :60])
+
+
+def test_segments_cut_long_documents():
+    idx = torch.full((1, 20), 9)
+    idx[0, 0], idx[0, 13] = BOS, BOS
+    seg = tg.segment_ids(idx, BOS, 5)
+    assert seg[0].tolist() == [1] * 5 + [2] * 5 + [3] * 3 + [4] * 5 + [5] * 2
+
+
+def test_varlen_cu_seqlens_matches_segments():
+    idx = docs_batch(256)
+    seg = tg.segment_ids(idx, BOS, 64)
+    cu = tg.varlen_cu_seqlens(seg, bucket=16)
+    assert cu.numel() % 16 == 0
+    flat = (seg + 256 * torch.arange(2)[:, None]).flatten()
+    lengths = torch.unique_consecutive(flat, return_counts=True)[1]
+    expect = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    assert torch.equal(cu[:expect.numel()].long(), expect)
+    assert (cu[expect.numel():] == 512).all()
+
+
+def test_flex_block_mask_matches_dense_mask():
+    from torch.nn.attention.flex_attention import create_block_mask
+    for seed, rate, max_len in ((0, 1 / 30, 512), (1, 1 / 300, 2048), (2, 1 / 3000, 256)):
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randint(4, 100, (3, 1024), generator=g)
+        idx[torch.rand(idx.shape, generator=g) < rate] = BOS
+        seg = tg.segment_ids(idx, BOS, max_len)
+        ref = create_block_mask(lambda b, h, q, k: (seg[b, q] == seg[b, k]) & (q >= k),
+                                3, None, 1024, 1024, device="cpu")
+        bm = tg.flex_doc_mask(seg)
+        assert torch.equal(bm.to_dense(), ref.to_dense())
+        assert torch.equal(bm.full_kv_num_blocks, ref.full_kv_num_blocks)
