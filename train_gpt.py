@@ -707,6 +707,16 @@ class Block(nn.Module):
         return r[0] * x + p[0, 0] * a + p[1, 0] * m, r[1] * lane1 + p[0, 1] * a + p[1, 1] * m
 
 
+def skip_merge(x, skip, gate, weight):
+    """U-Net skip as a sigmoid-gated lerp: x <- g x + (1 - g) w skip (g = 0.5 at init)."""
+    g = torch.sigmoid(gate).to(x.dtype)
+    return g * x + (1 - g) * weight.to(x.dtype) * skip
+
+
+def final_norm(lane0, lane1):
+    return rms_norm(0.5 * (lane0 + lane1))
+
+
 def softcap_nll(hidden, weight, targets, softcap: float, head_delta=None):
     """Per-token NLL (fp32) of the full softmax over softcapped tied-embedding logits."""
     logits = F.linear(hidden, weight.to(hidden.dtype))
@@ -730,7 +740,7 @@ class GPT(nn.Module):
             self.smear_w = nn.Parameter(torch.zeros(1, h.gate_window))
             self.smear_lambda = nn.Parameter(torch.zeros(()))
         self.compute_dtype = torch.bfloat16 if backend != "sdpa" else torch.float32
-        self.nll = softcap_nll
+        self.nll, self.skip_merge, self.final_norm = softcap_nll, skip_merge, final_norm
 
     def layer_order(self, looping: bool) -> list:
         """Physical layer of every virtual position: 0..10, or with the loop 0,1,2,(3,4,5)x3,6..10."""
@@ -773,16 +783,15 @@ class GPT(nn.Module):
         for i, layer in enumerate(order):
             block = self.blocks[layer]
             if n_enc <= i < 2 * n_enc:  # U-Net: decoder position j merges encoder output -j-1
-                j, skip = i - n_enc, skips.pop()
-                g = torch.sigmoid(self.skip_gates[j]).to(x.dtype)
-                x = g * x + (1 - g) * self.skip_weights[j].to(x.dtype) * skip
+                j = i - n_enc
+                x = self.skip_merge(x, skips.pop(), self.skip_gates[j], self.skip_weights[j])
             if block.parallel and lane1 is None:
                 lane1 = x
             x, lane1 = block(x, lane1, x0, seg, cos, sin, self.backend,
                              None if lora is None else lora["layers"][i])
             if i < n_enc:
                 skips.append(x)
-        return rms_norm(x if lane1 is None else 0.5 * (x + lane1))
+        return self.final_norm(x, x if lane1 is None else lane1)
 
     def forward(self, idx, targets, lora=None):
         """Per-token NLL [B, T] in nats; callers reduce (mean for training, sums for BPB)."""
@@ -798,7 +807,9 @@ def compile_model(model: GPT) -> None:
     full = model.backend != "fa3"  # FA3 runs outside the graph (a graph break by design)
     for block in model.blocks:
         block.compile(fullgraph=full, dynamic=False)
-    model.nll = torch.compile(softcap_nll, fullgraph=True, dynamic=False)
+    model.embed = torch.compile(model.embed, fullgraph=True, dynamic=False)
+    for name in ("nll", "skip_merge", "final_norm"):  # small graphs that fuse the glue between blocks
+        setattr(model, name, torch.compile(getattr(model, name), fullgraph=True, dynamic=False))
 
 
 # ------------------------------------------------------------------------------------------------
