@@ -14,8 +14,8 @@ import dataclasses
 import difflib
 import glob
 import hashlib
-import io
 import json
+import lzma
 import math
 import os
 import platform
@@ -24,10 +24,10 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+import brotli
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -100,6 +100,21 @@ class Hyperparameters:
     embed_wd: float = 0.085
     grad_clip_norm: float = 0.3  # on the global (all-rank) gradient norm
     ema_decay: float = 0.9965
+    # quantization and packing
+    gptq_calibration_batches: int = 16  # global batches of 8 training slots for the Hessians
+    matrix_bits: int = 6  # attention and MLP matrices
+    embed_bits: int = 7  # tied embedding
+    attn_clip_sigmas: float = 13.0  # per-row clip edge = k * std(row)
+    mlp_clip_sigmas: float = 11.5
+    embed_clip_sigmas: float = 14.0
+    matrix_clip_sigmas: float = 12.85  # any other large matrix
+    gptq_block_size: int = 128
+    gptq_damp: float = 0.01  # times mean(diag(H)), added to the diagonal
+    lqer_enabled: bool = True  # low-rank correction of the worst-quantized tensors
+    lqer_rank: int = 4
+    lqer_top_k: int = 3
+    lqer_asym_group: int = 64  # int4 group size of the LQER B factor
+    compressor: str = "brotli"  # brotli (quality 11) | lzma (preset 9)
 
     def __post_init__(self):
         if not self.run_id:
@@ -131,6 +146,7 @@ SMOKE_PRESET = dict(
     loop_start=2, loop_end=3, parallel_start_layer=4, train_batch_tokens=8 * 512,
     train_seq_len=256, iterations=40, max_wallclock_seconds=0.0, warmup_steps=1,
     train_log_every=5, val_batch_tokens=4096, gptq_reserve_seconds=0.0, ema_decay=0.9,
+    gptq_calibration_batches=2,
 )
 # Names used by earlier record scripts, each mapped to what replaces it here.
 RENAMED = {
@@ -518,8 +534,10 @@ except ImportError:
     flash_attn_varlen_func = None
 try:
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    # compiled on its own too, so eager callers (GPTQ calibration) never materialize T x T scores
+    flex_attention_compiled = torch.compile(flex_attention, dynamic=False)
 except ImportError:
-    BlockMask = flex_attention = None
+    BlockMask = flex_attention = flex_attention_compiled = None
 FLEX_BLOCK = 128
 
 
@@ -586,7 +604,7 @@ def attention(q, k, v, seg, backend: str, max_len: int):
         return fa3_attention(q, k, v, seg, max_len)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     if backend == "flex":  # seg is the BlockMask, built eagerly (see GPT.attention_segments)
-        y = flex_attention(q, k, v, block_mask=seg, enable_gqa=True)
+        y = flex_attention_compiled(q, k, v, block_mask=seg, enable_gqa=True)
     else:  # sdpa with an explicit mask: CPU smoke runs and tests
         t = torch.arange(seg.size(1), device=seg.device)
         mask = (seg[:, :, None] == seg[:, None, :]) & (t[:, None] >= t[None, :])
@@ -986,6 +1004,386 @@ class EMA:
 # Quantization and packing
 # ------------------------------------------------------------------------------------------------
 
+# ------------------------------------------------------------------------------------------------
+# Quantization and packing
+# After training, every big matrix is quantized per row with GPTQ (int6 blocks, int7 tied
+# embedding) using the SDClip scale s = k*std(row)/R: no search, and k alone steers the artifact
+# size. LQER then adds a tiny low-rank correction to the 3 worst tensors. The container is our own
+# (JSON index + raw little-endian tensors, grouped by class, one brotli stream): no pickle, so the
+# same quantized state always gives the same bytes.
+# ------------------------------------------------------------------------------------------------
+
+
+
+QUANT_MAGIC, QUANT_VERSION = b"PGQZ", 1
+COMPRESSORS = ("brotli", "lzma")
+FP16_TINY = 2.0**-24  # smallest positive fp16; the spec's 1e-10 floor would round to 0 in fp16
+GPTQ_SUFFIXES = {  # weight name suffix -> tensor class (bits and clip sigma come from the class)
+    "attn.c_q.weight": "attn", "attn.c_k.weight": "attn", "attn.c_v.weight": "attn",
+    "attn.proj.weight": "attn", "mlp.fc.weight": "mlp", "mlp.proj.weight": "mlp",
+}
+PASSTHROUGH_MAX_NUMEL = 65536  # float tensors up to this size are kept as fp16
+
+
+def clip_range(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def fp16_scale(s: torch.Tensor) -> torch.Tensor:
+    return s.float().clamp_min(FP16_TINY).to(torch.float16)
+
+
+def sdclip_scale(W: torch.Tensor, bits: int, clip_sigmas: float) -> torch.Tensor:
+    """Per-row scale k*std(row)/R in fp16: the clip edge sits at +-k row standard deviations."""
+    return fp16_scale(clip_sigmas * W.float().std(dim=1) / clip_range(bits))
+
+
+def quantize_groups(x: torch.Tensor, group: int, lo: int, hi: int, denom: float):
+    """Symmetric absmax quantization of consecutive groups of `group` elements of flattened x.
+    Returns int8 q (shape of x) and one fp16 scale per group, s = max|group|/denom."""
+    g = x.float().reshape(-1, group)
+    s = fp16_scale(g.abs().amax(dim=1) / denom)
+    q = torch.clamp(torch.round(g / s.float()[:, None]), lo, hi)
+    return q.to(torch.int8).reshape(x.shape), s
+
+
+def dequantize_groups(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Inverse of quantize_groups; also per-row dequant (one group per row)."""
+    g = q.reshape(s.numel(), -1).float() * s.float()[:, None]
+    return g.reshape(q.shape)
+
+
+def rtn_quantize(W: torch.Tensor, bits: int, clip_sigmas: float):
+    """Round to nearest with the SDClip scale: the baseline, and the fallback without a Hessian."""
+    s = sdclip_scale(W, bits, clip_sigmas)
+    R = clip_range(bits)
+    q = torch.clamp(torch.round(W.float() / s.float()[:, None]), -R, R)
+    return q.to(torch.int8), s
+
+
+def gptq_inverse_factor(H: torch.Tensor, damp: float):
+    """Damped, act-ordered Hessian -> (upper Cholesky factor of its inverse, column order, dead).
+    Float64 because the inverse of a 2048-wide Hessian loses too much in float32."""
+    H = H.double().clone()
+    dead = H.diagonal() == 0  # inputs that never fire: any weight there is free, set it to 0
+    H.diagonal()[dead] = 1.0
+    H.diagonal().add_(damp * H.diagonal().mean())
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True)  # act-order
+    H = H[perm][:, perm]
+    Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))
+    return torch.linalg.cholesky(Hinv, upper=True).float(), perm, dead
+
+
+def gptq_columns(Wt: torch.Tensor, U: torch.Tensor, s: torch.Tensor, R: int, block: int):
+    """The GPTQ sweep on the transposed, permuted weight Wt (cols x rows), updated in place.
+    Each column is rounded, and its error, divided by U[j, j], is pushed onto the later columns
+    of the block at once and onto the rest of the matrix at the block's end (one matmul)."""
+    Q = torch.empty_like(Wt)
+    for i1 in range(0, Wt.shape[0], block):
+        i2 = min(i1 + block, Wt.shape[0])
+        Ub, err = U[i1:i2, i1:i2], torch.empty_like(Wt[i1:i2])
+        for j in range(i2 - i1):
+            w = Wt[i1 + j]
+            q = torch.clamp(torch.round(w / s), -R, R, out=Q[i1 + j])
+            torch.div(w - q * s, Ub[j, j], out=err[j])
+            Wt[i1 + j + 1 : i2].addr_(Ub[j, j + 1 :], err[j], alpha=-1.0)
+        Wt[i2:].addmm_(U[i1:i2, i2:].T, err, alpha=-1.0)
+    return Q
+
+
+def gptq_quantize(W, H, bits, clip_sigmas, block_size=128, damp=0.01):
+    """GPTQ with the SDClip per-row scale (spec 5.3). W (rows x cols), H (cols x cols) = E[X^T X].
+    Returns int8 q of W's shape and the fp16 per-row scale; W ~ q * s[:, None]."""
+    s = sdclip_scale(W, bits, clip_sigmas)  # from the original W, as in the reference
+    U, perm, dead = gptq_inverse_factor(H.to(W.device), damp)
+    Wt = W.float().masked_fill(dead, 0.0)[:, perm].T.contiguous()
+    Q = gptq_columns(Wt, U, s.float(), clip_range(bits), block_size)
+    q = torch.empty_like(W, dtype=torch.int8)
+    q[:, perm] = Q.T.to(torch.int8)
+    return q, s
+
+
+def lqer_factors(E: torch.Tensor, rank: int, group: int) -> dict:
+    """Rank-r SVD of the quantization error E ~ A @ B, packed small (spec 5.4).
+    Asymmetric when B splits into groups: A int2 in [-2, 1] with one scale max|A|/1.5, B int4 in
+    [-8, 7] with one scale max|g|/7.5 per `group` elements. Otherwise 4-bit per row, scale max/7."""
+    U, S, Vh = torch.linalg.svd(E.float(), full_matrices=False)
+    r = min(rank, S.numel())
+    A, B = U[:, :r] * S[:r], Vh[:r]
+    if B.numel() % group == 0:
+        qa, sa = quantize_groups(A, A.numel(), -2, 1, 1.5)
+        qb, sb = quantize_groups(B, group, -8, 7, 7.5)
+    else:
+        qa, sa = quantize_groups(A, r, -7, 7, 7.0)
+        qb, sb = quantize_groups(B, B.shape[1], -7, 7, 7.0)
+    return {"lqer_qa": qa.cpu(), "lqer_sa": sa.cpu(), "lqer_qb": qb.cpu(), "lqer_sb": sb.cpu()}
+
+
+def lqer_reconstruct(f: dict) -> torch.Tensor:
+    """A @ B from packed factors; the group sizes follow from the number of scales."""
+    return dequantize_groups(f["lqer_qa"], f["lqer_sa"]) @ dequantize_groups(f["lqer_qb"], f["lqer_sb"])
+
+
+def tensor_class(name: str, t: torch.Tensor) -> str:
+    """embed | attn | mlp | matrix -> GPTQ; gate -> int8 rows; fp16 -> passthrough; raw -> as is.
+    Named block matrices are GPTQ'd at any size (so small smoke models exercise GPTQ); at record
+    size they are all above PASSTHROUGH_MAX_NUMEL anyway, as the spec's size rule has it."""
+    if not t.is_floating_point():
+        return "raw"
+    if name == "tok_emb.weight":
+        return "embed"
+    for suffix, cls in GPTQ_SUFFIXES.items():
+        if name.endswith(suffix) and t.ndim == 2:
+            return cls
+    if name.endswith("attn_gate_w") and t.ndim == 2 and 32 <= t.numel() <= 8192:
+        return "gate"
+    if t.numel() <= PASSTHROUGH_MAX_NUMEL:
+        return "fp16"
+    if t.ndim == 2:
+        return "matrix"
+    raise ValueError(f"{name}: no quantization rule for a {t.ndim}-D tensor of {t.numel()} elements")
+
+
+def class_bits_sigma(cls: str, h) -> tuple:
+    return {
+        "embed": (h.embed_bits, h.embed_clip_sigmas), "attn": (h.matrix_bits, h.attn_clip_sigmas),
+        "mlp": (h.matrix_bits, h.mlp_clip_sigmas), "matrix": (h.matrix_bits, h.matrix_clip_sigmas),
+    }[cls]
+
+
+def quantize_matrix(W: torch.Tensor, H, cls: str, h) -> tuple:
+    """GPTQ one matrix on its Hessian's device; round to nearest when there is no Hessian."""
+    bits, sigma = class_bits_sigma(cls, h)
+    if H is None:
+        q, s = rtn_quantize(W, bits, sigma)
+        label = f"rtn (int{bits}), no hessian"
+    else:
+        W = W.to(H.device)
+        q, s = gptq_quantize(W, H, bits, sigma, h.gptq_block_size, h.gptq_damp)
+        label = f"gptq (int{bits})"
+    return {"kind": "rows", "bits": bits, "q": q.cpu(), "s": s.cpu()}, label
+
+
+def quantize_tensor(name: str, t: torch.Tensor, hessians: dict, h) -> tuple:
+    cls = tensor_class(name, t)
+    t = t.detach()
+    if cls == "gate":  # tiny, and the gate's sign pattern matters: plain int8 rows
+        q, s = quantize_groups(t, t.shape[1], -127, 127, 127.0)
+        return {"kind": "rows", "bits": 8, "q": q.cpu(), "s": s.cpu()}, "int8 rows (gate)"
+    if cls == "fp16":
+        return {"kind": "fp16", "t": t.to(torch.float16).cpu()}, "passthrough (fp16)"
+    if cls == "raw":
+        return {"kind": "raw", "t": t.cpu().clone()}, f"raw ({str(t.dtype).removeprefix('torch.')})"
+    return quantize_matrix(t, hessians.get(name), cls, h)
+
+
+def dequantize_entry(e: dict) -> torch.Tensor:
+    if e["kind"] == "fp16":
+        return e["t"].float()
+    if e["kind"] == "raw":
+        return e["t"].clone()
+    w = dequantize_groups(e["q"], e["s"])
+    return w + lqer_reconstruct(e) if "lqer_qa" in e else w
+
+
+def dequantize_state_dict(qstate: dict) -> dict:
+    """Float state dict (fp32; non-float tensors unchanged) in the original key order."""
+    return {name: dequantize_entry(e) for name, e in qstate.items()}
+
+
+def matrix_errors(sd: dict, qstate: dict, names) -> dict:
+    """||W - W_hat||_F^2 per name, on the CPU (dequantized weights live there)."""
+    return {n: (sd[n].detach().cpu().float() - dequantize_entry(qstate[n])).pow(2).sum().item()
+            for n in names}
+
+
+def apply_lqer(sd: dict, qstate: dict, errs: dict, h) -> list:
+    """Add LQER factors to the top_k matrices by quantization error; returns their names."""
+    top = sorted(errs, key=lambda n: (-errs[n], n))[: h.lqer_top_k]
+    for n in top:
+        W = sd[n].detach().float()
+        E = W - dequantize_entry(qstate[n]).to(W.device)
+        qstate[n].update(lqer_factors(E, h.lqer_rank, h.lqer_asym_group))
+    return top
+
+
+def quantize_state_dict(sd: dict, hessians: dict, h, log=print) -> tuple:
+    """Quantize a float state dict (spec 5.3-5.4). Returns (qstate, stats): qstate maps each name
+    to an entry {kind, [bits], tensors...} that serialize() writes and dequantize_state_dict()
+    reads; stats has per-category counts, the squared error before/after LQER, and the time."""
+    t0 = time.perf_counter()
+    qstate, labels = {}, {}
+    for name, t in sd.items():
+        qstate[name], labels[name] = quantize_tensor(name, t, hessians, h)
+    mats = [n for n, label in labels.items() if label.startswith(("gptq", "rtn"))]
+    errs = matrix_errors(sd, qstate, mats)
+    lqer = apply_lqer(sd, qstate, errs, h) if h.lqer_enabled else []
+    for n in lqer:
+        labels[n] += "+lqer_asym" if qstate[n]["lqer_sa"].numel() == 1 else "+lqer_sym"
+    final = {**errs, **matrix_errors(sd, qstate, lqer)}
+    cats = {}
+    for name, label in labels.items():
+        cats.setdefault(label, []).append(name)
+    for label in sorted(cats):
+        log(f"{label}: {', '.join(cats[label])}")
+    return qstate, {
+        "counts": {k: len(v) for k, v in sorted(cats.items())}, "lqer": lqer,
+        "err_sq_gptq": sum(errs.values()), "err_sq_final": sum(final.values()),
+        "weight_sq": sum(sd[n].detach().float().pow(2).sum().item() for n in mats),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+# Container: MAGIC, version byte, compressor byte, 8 bytes of sha256(payload), then the compressed
+# payload = uint32 index length | JSON index | raw little-endian tensor bytes
+# The index holds each entry's small fields (in state-dict order) and the stored tensors in
+# payload order. Payload order groups tensors by field and then by weight type across layers
+# (all c_q codes, then all c_k codes, ...), so each brotli block sees one distribution.
+
+
+def weight_type(name: str) -> str:  # "blocks.3.mlp.fc.weight" -> "blocks.mlp.fc.weight"
+    return ".".join(p for p in name.split(".") if not p.isdigit())
+
+
+def layer_index(name: str) -> int:
+    return next((int(p) for p in name.split(".") if p.isdigit()), -1)
+
+
+PAYLOAD_FIELDS = ("q", "s", "lqer_qa", "lqer_qb", "lqer_sa", "lqer_sb", "t")
+
+
+def payload_order(qstate: dict) -> list:
+    """(name, field) pairs in the order their bytes are written."""
+    pairs = [(n, f) for n, e in qstate.items() for f in PAYLOAD_FIELDS if f in e]
+    key = lambda p: (PAYLOAD_FIELDS.index(p[1]), weight_type(p[0]), layer_index(p[0]), p[0])
+    return sorted(pairs, key=key)
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def tensor_from_bytes(buf: bytes, dtype: str, shape: list) -> torch.Tensor:
+    if not buf:  # torch.frombuffer refuses an empty buffer
+        return torch.empty(shape, dtype=getattr(torch, dtype))
+    t = torch.frombuffer(bytearray(buf), dtype=torch.uint8).view(getattr(torch, dtype))
+    return t.reshape(shape)
+
+
+def compress_payload(raw: bytes, compressor: str) -> bytes:
+    if compressor == "brotli":
+        return brotli.compress(raw, quality=11, lgwin=24)
+    if compressor == "lzma":
+        return lzma.compress(raw, preset=9)
+    raise ValueError(f"COMPRESSOR={compressor!r}: use brotli or lzma")
+
+
+def decompress_payload(blob: bytes, compressor: str) -> bytes:
+    return brotli.decompress(blob) if compressor == "brotli" else lzma.decompress(blob)
+
+
+def serialize(qstate: dict, h) -> bytes:
+    """qstate -> bytes, deterministic: the same qstate always gives the same bytes."""
+    entries = [[n, {k: v for k, v in e.items() if not isinstance(v, torch.Tensor)}]
+               for n, e in qstate.items()]
+    records, chunks = [], []
+    for n, f in payload_order(qstate):
+        t = qstate[n][f]
+        records.append([n, f, str(t.dtype).removeprefix("torch."), list(t.shape)])
+        chunks.append(tensor_bytes(t))
+    index = json.dumps({"entries": entries, "records": records}, separators=(",", ":"))
+    index = index.encode()
+    raw = np.uint32(len(index)).tobytes() + index + b"".join(chunks)
+    payload = compress_payload(raw, h.compressor)
+    head = QUANT_MAGIC + bytes([QUANT_VERSION, COMPRESSORS.index(h.compressor)])
+    return head + hashlib.sha256(raw).digest()[:8] + payload
+
+
+def deserialize(blob: bytes) -> dict:
+    """Inverse of serialize(); refuses a blob with another magic or format version."""
+    if blob[:4] != QUANT_MAGIC or len(blob) < 14:
+        raise ValueError("not a quantized model file (bad magic)")
+    if blob[4] != QUANT_VERSION or blob[5] >= len(COMPRESSORS):
+        raise ValueError(f"quantized model format {blob[4]}/{blob[5]}, this code reads "
+                         f"version {QUANT_VERSION} with compressor < {len(COMPRESSORS)}")
+    raw = decompress_payload(blob[14:], COMPRESSORS[blob[5]])
+    if hashlib.sha256(raw).digest()[:8] != blob[6:14]:
+        raise ValueError("quantized model payload is corrupted (checksum mismatch)")
+    n = int(np.frombuffer(raw[:4], dtype="<u4")[0])
+    index = json.loads(raw[4 : 4 + n])
+    qstate = {name: dict(small) for name, small in index["entries"]}
+    pos = 4 + n
+    for name, field, dtype, shape in index["records"]:
+        size = getattr(torch, dtype).itemsize * math.prod(shape)
+        qstate[name][field] = tensor_from_bytes(raw[pos : pos + size], dtype, shape)
+        pos += size
+    return qstate
+
+
+def calibration_rows(spec: DataSpec, h: Hyperparameters, d: Dist):
+    """GPTQ calibration: GPTQ_CALIBRATION_BATCHES global batches of 8 random training slots (the
+    same draw on every world size; rank r takes its slots). Never validation data."""
+    rng = np.random.default_rng(h.seed)
+    shards = [read_shard(f) for f in spec.train_files]
+    sizes = np.array([s.size for s in shards], dtype=np.float64)
+    for b in range(8 * h.gptq_calibration_batches):
+        i = rng.choice(len(shards), p=sizes / sizes.sum())
+        start = int(rng.integers(0, max(shards[i].size - h.slot_tokens, 1)))
+        if (b % 8) // d.grad_accum == d.rank:
+            yield torch.from_numpy(shards[i][start:start + h.slot_tokens].astype(np.int64))[None]
+
+
+def add_gram(hess: dict, name: str, x: torch.Tensor):
+    x = x.flatten(0, -2).float()
+    if name not in hess:
+        hess[name] = torch.zeros(x.size(1), x.size(1), device=x.device)
+    hess[name].addmm_(x.T, x)
+
+
+@torch.no_grad()
+def collect_hessians(model: GPT, spec: DataSpec, h: Hyperparameters, d: Dist) -> dict:
+    """H = mean of X^T X over calibration rows for every matrix input (tok_emb: the final-norm
+    output that feeds the tied head). Runs an eager copy of the model so hooks see every call,
+    looped layers included, and averages over ranks so every rank quantizes identically."""
+    calib = GPT(h, model.bos_id, model.backend).to(d.device)
+    calib.load_state_dict(model.state_dict())
+    calib.looping, hess = model.looping, {}
+    for name, mod in calib.named_modules():
+        if isinstance(mod, CastedLinear):
+            mod.register_forward_hook(lambda m, inp, out, n=name + ".weight": add_gram(hess, n, inp[0]))
+    for x in calibration_rows(spec, h, d):
+        add_gram(hess, "tok_emb.weight", calib.hidden(x.to(d.device)))
+    for H in hess.values():
+        all_reduce(H).div_(8 * h.gptq_calibration_batches)
+    return hess
+
+
+def load_artifact(path: str, h: Hyperparameters, d: Dist, bos_id: int, backend: str) -> GPT:
+    """The model exactly as the artifact file encodes it (same GPT class, same forward)."""
+    with open(path, "rb") as f:
+        state = dequantize_state_dict(deserialize(f.read()))
+    model = GPT(h, bos_id, backend).to(d.device)
+    model.load_state_dict({k: v.to(d.device) for k, v in state.items()})
+    return model
+
+
+def artifact_accounting(path: str, h: Hyperparameters, log) -> dict:
+    """Counted bytes = the file that is running (a packed launcher counts itself) + the blob."""
+    code_path = os.path.abspath(__file__)
+    acc = dict(code_bytes=os.path.getsize(code_path), model_bytes=os.path.getsize(path),
+               code_sha256=sha256_file(code_path), model_sha256=sha256_file(path))
+    acc["artifact_bytes"] = acc["code_bytes"] + acc["model_bytes"]
+    log(f"artifact: code {acc['code_bytes']} B ({code_path}) + model {acc['model_bytes']} B = "
+        f"{acc['artifact_bytes']} B, margin {ARTIFACT_CAP - acc['artifact_bytes']} B under "
+        f"{ARTIFACT_CAP}; sha256 code {acc['code_sha256'][:16]} model {acc['model_sha256'][:16]}")
+    if acc["artifact_bytes"] > ARTIFACT_CAP:
+        raise RuntimeError(f"artifact {acc['artifact_bytes']} B exceeds the {ARTIFACT_CAP} B cap: "
+                           "pack the code (tools/pack.py) or raise the clip sigmas")
+    return acc
+
+
+ARTIFACT_CAP = 16_000_000
+
 
 # ------------------------------------------------------------------------------------------------
 # Evaluation
@@ -1155,11 +1553,44 @@ def log_header(log, h: Hyperparameters, d: Dist, spec: DataSpec, val: ValData, b
             "score is not record-comparable.\n" + "!" * 100)
 
 
-def main():
-    if "--help" in sys.argv[1:]:
-        print(__doc__ + "\n" + config_help())
-        return
-    h = load_config()
+def quantize_stage(model: GPT, spec: DataSpec, h, d, log, ledger, stats: dict) -> tuple:
+    """Hessians (training data, inside the training budget), GPTQ, serialize, write."""
+    with ledger.phase("gptq_hessians"):
+        hess = collect_hessians(model, spec, h, d)
+    train_total = stats["train_time_s"] + ledger.seconds["gptq_hessians"]
+    log(f"gptq: {len(hess)} hessians in {ledger.seconds['gptq_hessians']:.1f}s; training + "
+        f"hessians = {train_total:.1f}s of {h.max_wallclock_seconds:.0f}s")
+    if h.max_wallclock_seconds and train_total > h.max_wallclock_seconds:
+        log(f"WARNING: training data was read for {train_total:.1f}s, past the "
+            f"{h.max_wallclock_seconds:.0f}s budget: raise GPTQ_RESERVE_SECONDS")
+    sd = {k: v.detach().float() for k, v in model.state_dict().items()}
+    with ledger.phase("gptq_quantize"):
+        qstate, _ = quantize_state_dict(sd, hess, h, log)
+    with ledger.phase("serialize"):
+        blob = serialize({k: v.cpu() if torch.is_tensor(v) else v for k, v in qstate.items()}, h)
+        path = os.path.join(h.artifact_dir, "final_model.ptz")
+        if d.is_main:
+            os.makedirs(h.artifact_dir, exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(blob)
+        if dist.is_initialized():
+            dist.barrier()
+    return path, dict(train_plus_hessians_s=train_total,
+                      quant_time_s=ledger.seconds["gptq_hessians"] + ledger.seconds["gptq_quantize"],
+                      serialize_time_s=ledger.seconds["serialize"])
+
+
+def logged_eval(name: str, model: GPT, val: ValData, h, d, log, ledger) -> Score:
+    with ledger.phase(name):
+        score = eval_val(model, val, d, h.slot_tokens)
+    log(f"{name} val_loss: {score.loss:.6f} val_bpb: {score.bpb:.6f} targets {score.tokens} "
+        f"bytes {score.bytes} ({ledger.seconds[name]:.1f}s)")
+    if score.tokens != val.num_targets:
+        raise RuntimeError(f"{name}: scored {score.tokens} of {val.num_targets} val targets")
+    return score
+
+
+def setup(h: Hyperparameters):
     spec = load_data_spec(h)  # all input checks happen before any GPU work
     d = init_distributed(h)
     log, ledger = Logger(h.run_id, d.is_main), Ledger(d.device)
@@ -1169,6 +1600,15 @@ def main():
     if h.check_disjoint and d.is_main:
         check_disjoint(spec, log)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return spec, d, log, ledger, val, backend
+
+
+def main():
+    if "--help" in sys.argv[1:]:
+        print(__doc__ + "\n" + config_help())
+        return
+    h = load_config()
+    spec, d, log, ledger, val, backend = setup(h)
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
     model = GPT(h, spec.bos_id, backend).to(d.device)
@@ -1177,22 +1617,26 @@ def main():
         compile_model(model)
     with ledger.phase("compile_warmup"):
         compile_warmup(model, h, d, h.slot_tokens)
-    log(f"compile_warmup: {ledger.seconds['compile_warmup']:.1f}s")
+    log(f"compile_warmup: {ledger.seconds['compile_warmup']:.1f}s (synthetic tokens, untimed)")
     stats = train(model, h, d, spec, val, log)
     if d.device.type == "cuda":
         stats["peak_mem_mib"] = torch.cuda.max_memory_allocated(d.device) // 2**20
-    with ledger.phase("eval_prequant"):
-        score = eval_val(model, val, d, h.slot_tokens)
-    log(f"prequant val_loss: {score.loss:.6f} val_bpb: {score.bpb:.6f} tokens {score.tokens} "
-        f"bytes {score.bytes} ({ledger.seconds['eval_prequant']:.1f}s)")
-    if score.tokens != val.num_targets:
-        raise RuntimeError(f"scored {score.tokens} of {val.num_targets} val targets")
+    path, qstats = quantize_stage(model, spec, h, d, log, ledger, stats)
+    prequant = logged_eval("eval_prequant", model, val, h, d, log, ledger)
+    acc = artifact_accounting(path, h, log)
+    with ledger.phase("load_artifact"):
+        qmodel = load_artifact(path, h, d, spec.bos_id, backend)
+        qmodel.looping = model.looping
+        if d.device.type == "cuda":
+            compile_model(qmodel)
+    del model
+    quant = logged_eval("eval_quant", qmodel, val, h, d, log, ledger)
     final = dict(run_id=h.run_id, seed=h.seed, mode="smoke" if h.smoke else "record",
                  legality="compliant", config_hash=h.config_hash(), world_size=d.world_size,
-                 val_bpb=score.bpb, val_loss=score.loss, val_bpb_prequant=score.bpb,
-                 tokens_scored=score.tokens, bytes_scored=score.bytes,
-                 source_sha256=hashlib.sha256(source_text().encode()).hexdigest(), **stats,
-                 timings={k: round(v, 2) for k, v in ledger.seconds.items()})
+                 val_bpb=quant.bpb, val_loss=quant.loss, val_bpb_prequant=prequant.bpb,
+                 val_bpb_quant=quant.bpb, tokens_scored=quant.tokens, bytes_scored=quant.bytes,
+                 source_sha256=hashlib.sha256(source_text().encode()).hexdigest(),
+                 **stats, **qstats, **acc, timings={k: round(v, 2) for k, v in ledger.seconds.items()})
     log("final_json " + json.dumps(final))
     if dist.is_initialized():
         dist.destroy_process_group()
