@@ -57,16 +57,24 @@ def train_sentencepiece(lines, variant: str, vocab_size: int, model_path: str) -
 
     import sentencepiece as spm
 
+    used = [0]
+
     def sentences():
         for line in lines:
             text = common.transform_text(variant, common.doc_text(line)).replace("\x00", " ").strip()
             if text:
+                used[0] += 1
                 yield text
 
     extra = {"user_defined_symbols": list(common.lossless_caps.CONTROLS)} if variant == "caseops" else {}
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=sentences(), model_writer=model, vocab_size=vocab_size,
-                                   num_threads=SP_TRAIN_THREADS, minloglevel=2, **SP_TRAINER_ARGS, **extra)
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=sentences(), model_writer=model, vocab_size=vocab_size,
+                                       num_threads=SP_TRAIN_THREADS, minloglevel=2, **SP_TRAINER_ARGS, **extra)
+    except RuntimeError as e:
+        if not used[0]:
+            raise DataError("no train documents to train the tokenizer on (all docs are val?)") from None
+        raise DataError(f"SentencePiece training failed: {e}") from None
     with open(model_path + ".tmp", "wb") as f:
         f.write(model.getvalue())
     os.replace(model_path + ".tmp", model_path)

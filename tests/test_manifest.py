@@ -1,0 +1,93 @@
+"""train_gpt.load_data_spec / load_val_data refuse every mismatch between data and manifest."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import train_gpt
+from data import common
+
+
+@pytest.fixture
+def data(smoke_dir, tmp_path):
+    d = str(tmp_path / "ds")
+    shutil.copytree(smoke_dir, d)
+    env = {"DATA_PATH": d, "TOKENIZER_PATH": os.path.join(d, "smoke_caseops_1024.model"), "VOCAB_SIZE": "1024"}
+    return d, env
+
+
+def load(env):
+    h = train_gpt.load_config(env)
+    return train_gpt.load_val_data(train_gpt.load_data_spec(h), h)
+
+
+def test_consistent_data_loads(data):
+    d, env = data
+    vd = load(env)
+    man = json.load(open(os.path.join(d, "manifest.json")))
+    assert vd.tokens.numel() == man["val"]["tokens"]
+    assert int(vd.target_bytes.sum()) == man["val"]["scored_bytes"]
+
+
+def test_refuses_missing_manifest(data):
+    d, env = data
+    os.remove(os.path.join(d, "manifest.json"))
+    with pytest.raises(train_gpt.DataError, match="DATA_PATH=.*manifest.json"):
+        load(env)
+
+
+def test_refuses_other_tokenizer(data, tmp_path):
+    d, env = data
+    other = str(tmp_path / "other.model")
+    with open(env["TOKENIZER_PATH"], "rb") as f, open(other, "wb") as g:
+        g.write(f.read() + b"\0")
+    with pytest.raises(train_gpt.DataError, match="TOKENIZER_PATH=.*sha256"):
+        load({**env, "TOKENIZER_PATH": other})
+    with pytest.raises(train_gpt.DataError, match="TOKENIZER_PATH=.*not found"):
+        load({**env, "TOKENIZER_PATH": str(tmp_path / "missing.model")})
+
+
+def test_refuses_vocab_mismatch(data):
+    d, env = data
+    with pytest.raises(train_gpt.DataError, match="VOCAB_SIZE=2048"):
+        load({**env, "VOCAB_SIZE": "2048"})
+
+
+def test_refuses_missing_sidecar(data):
+    d, env = data
+    os.remove(os.path.join(d, "fineweb_val_bytes_000000.bin"))
+    with pytest.raises(train_gpt.DataError, match="fineweb_val_bytes_000000.bin"):
+        load(env)
+
+
+def test_refuses_sidecar_of_wrong_length(data):
+    d, env = data
+    path = os.path.join(d, "fineweb_val_bytes_000000.bin")
+    side = np.array(train_gpt.read_shard(path))
+    common.write_shard(path, side[:-1])
+    with pytest.raises(train_gpt.DataError, match="sidecar has"):
+        load(env)
+
+
+def test_refuses_val_shards_not_in_manifest(data):
+    d, env = data
+    shutil.copyfile(os.path.join(d, "fineweb_val_000000.bin"), os.path.join(d, "fineweb_val_000001.bin"))
+    with pytest.raises(train_gpt.DataError, match="differ from manifest"):
+        load(env)
+
+
+def test_bytes_files_never_returned_as_tokens(data):
+    d, env = data
+    assert [os.path.basename(p) for p in train_gpt.token_shards(d, "val")] == ["fineweb_val_000000.bin"]
+    assert all("_bytes_" not in os.path.basename(p) for p in train_gpt.token_shards(d, "train"))
+
+
+def test_refuses_corrupt_shard(data):
+    d, env = data
+    with open(os.path.join(d, "fineweb_val_000000.bin"), "ab") as f:
+        f.write(b"\0\0")
+    with pytest.raises(train_gpt.DataError, match="size does not match"):
+        load(env)
