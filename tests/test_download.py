@@ -45,7 +45,8 @@ def test_download_caseops_from_local_hub(smoke_dir, tmp_path):
     assert man["variant"] == "caseops" and man["byte_source"] == "sidecar" and man["disjoint_checked"]
     assert man["val"]["scored_bytes"] == ref["val"]["scored_bytes"]
     assert man["val"]["tokens"] == ref["val"]["tokens"] and man["train"]["docs"] == ref["train"]["docs"]
-    h = train_gpt.load_config({"DATA_PATH": out, "TOKENIZER_PATH": os.path.join(tok, "tok.model"), "VOCAB_SIZE": "1024"})
+    env = {"DATA_PATH": out, "TOKENIZER_PATH": os.path.join(tok, "tok.model"), "VOCAB_SIZE": "1024"}
+    h = train_gpt.load_config(env)
     spec = train_gpt.load_data_spec(h)
     assert len(spec.train_files) == 2 and spec.byte_source == "sidecar"
 

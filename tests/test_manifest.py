@@ -91,3 +91,34 @@ def test_refuses_corrupt_shard(data):
         f.write(b"\0\0")
     with pytest.raises(train_gpt.DataError, match="size does not match"):
         load(env)
+
+
+# Known gaps in train_gpt.py, reported to its owner. strict=True: once fixed these start to pass
+# and pytest reports XPASS as a failure, so the marker gets removed with the fix.
+
+
+@pytest.mark.xfail(strict=True, reason="load_val_data checks the sidecar length, not manifest scored_bytes")
+def test_scorer_refuses_sidecar_with_wrong_values(data):
+    d, env = data
+    path = os.path.join(d, "fineweb_val_bytes_000000.bin")
+    side = np.array(train_gpt.read_shard(path))
+    side[5] += 1
+    common.write_shard(path, side)
+    with pytest.raises(train_gpt.DataError):
+        load(env)
+
+
+@pytest.mark.xfail(strict=True, reason="check_disjoint hashes each train shard on its own")
+def test_scorer_disjoint_check_sees_docs_across_shards(data):
+    d, env = data
+    for name in os.listdir(d):  # val doc [5 6 7]; train doc [5 6 7] split over two shards
+        if name.startswith("fineweb_train_"):
+            os.remove(os.path.join(d, name))
+    common.write_shard(os.path.join(d, "fineweb_train_000000.bin"), np.array([1, 9, 1, 5], np.uint16))
+    common.write_shard(os.path.join(d, "fineweb_train_000001.bin"), np.array([6, 7, 1, 9], np.uint16))
+    val = np.array(train_gpt.read_shard(os.path.join(d, "fineweb_val_000000.bin")))
+    val[:5] = [1, 5, 6, 7, 1]
+    common.write_shard(os.path.join(d, "fineweb_val_000000.bin"), val)
+    h = train_gpt.load_config(env)
+    with pytest.raises(train_gpt.DataError, match="overlap|also appear"):
+        train_gpt.check_disjoint(train_gpt.load_data_spec(h), lambda msg: None)

@@ -4,7 +4,6 @@ import json
 import lzma
 import os
 import random
-import shutil
 import subprocess
 import sys
 
