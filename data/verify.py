@@ -40,7 +40,8 @@ def expected_doc(variant: str, src: str, sp, edge):
     if variant == "caseops":
         t = lossless_caps.caseops_encode(src)
         a, b = edge.content_span(src)  # the transform touches letters only: same edges as src
-        return common.sentencepiece_normalized(sp, t), len(src[a:b].encode("utf-8")), lossless_caps.caseops_decode(t) == src
+        lossless = lossless_caps.caseops_decode(t) == src
+        return common.sentencepiece_normalized(sp, t), len(src[a:b].encode("utf-8")), lossless
     f = lossless_caps.casefold(src)
     a, b = edge.content_span(f)
     return common.sentencepiece_normalized(sp, f), lossless_caps.casefold_piece_bytes(src, [(a, b)])[0], True
