@@ -1,0 +1,1 @@
+"""Data pipeline: build (prepare.py), prove (verify.py) and download (download.py) token shards."""
