@@ -377,22 +377,19 @@ def lut_target_bytes(tokens: np.ndarray, lut) -> np.ndarray:
 
 
 def doc_hashes(tokens: np.ndarray, bos_id: int) -> np.ndarray:
-    """A 64-bit polynomial hash of every BOS-delimited document, vectorized."""
-    tokens = np.asarray(tokens, dtype=np.uint64)
+    """A 64-bit order-sensitive hash of every BOS-delimited document (vectorized, wraps mod 2^64).
+    Tokens before the first BOS belong to no document and are ignored."""
+    tokens = np.asarray(tokens)
     starts = np.flatnonzero(tokens == bos_id)
     if starts.size == 0:
         return np.zeros(0, np.uint64)
-    doc = np.cumsum(tokens == bos_id) - 1
-    valid = doc >= 0
-    pos = np.arange(tokens.size) - starts[np.maximum(doc, 0)]
-    mult = np.uint64(0x9E3779B97F4A7C15)
+    t, starts = tokens[starts[0]:].astype(np.uint64), starts - starts[0]
+    pos = (np.arange(t.size) - np.repeat(starts, np.diff(np.append(starts, t.size)))).astype(np.uint64)
     with np.errstate(over="ignore"):
-        mixed = (tokens + np.uint64(1)) * mult ^ (pos.astype(np.uint64) * np.uint64(0xBF58476D1CE4E5B9))
+        mixed = (t + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15) ^ pos * np.uint64(0xBF58476D1CE4E5B9)
         mixed ^= mixed >> np.uint64(29)
         mixed *= np.uint64(0x94D049BB133111EB)
-    out = np.zeros(starts.size, np.uint64)
-    np.add.at(out, doc[valid], mixed[valid])  # order-sensitive through pos, sum wraps mod 2^64
-    return out
+    return np.add.reduceat(mixed, starts)
 
 
 @dataclass
@@ -405,6 +402,7 @@ class DataSpec:
     byte_files: list
     manifest_sha256: str
     val_tokens: int
+    scored_bytes: int | None  # what the byte source must sum to over the val targets
 
 
 def load_data_spec(h: Hyperparameters) -> DataSpec:
@@ -414,6 +412,8 @@ def load_data_spec(h: Hyperparameters) -> DataSpec:
         raise DataError(f"DATA_PATH={h.data_path}: no manifest.json (build it with data/prepare.py "
                         "or data/download.py)")
     man = json.load(open(mpath))
+    if man.get("format_version") != 1:
+        raise DataError(f"{mpath}: format_version {man.get('format_version')!r}, expected 1")
     tok = man["tokenizer"]
     if not os.path.isfile(h.tokenizer_path):
         raise DataError(f"TOKENIZER_PATH={h.tokenizer_path}: file not found")
@@ -426,6 +426,10 @@ def load_data_spec(h: Hyperparameters) -> DataSpec:
     byte_files = sorted(glob.glob(os.path.join(h.data_path, "fineweb_val_bytes_[0-9]*.bin")))
     if not train or not val:
         raise DataError(f"DATA_PATH={h.data_path}: no fineweb_train_*.bin or fineweb_val_*.bin")
+    names = [os.path.basename(f) for f in train]
+    if names != [s["name"] for s in man["train"]["shards"]][:len(names)]:
+        raise DataError(f"{h.data_path}: train shards on disk are not a prefix of those listed in "
+                        f"manifest.json (foreign or extra files?)")
     listed = [s["name"] for s in man["val"]["shards"]]
     if [os.path.basename(f) for f in val] != listed:
         raise DataError(f"{h.data_path}: val shards on disk {len(val)} differ from manifest {listed}")
@@ -437,7 +441,7 @@ def load_data_spec(h: Hyperparameters) -> DataSpec:
     elif man["byte_source"] != "lut":
         raise DataError(f"{mpath}: unknown byte_source {man['byte_source']!r}")
     return DataSpec(man["variant"], man["byte_source"], tok.get("bos_id", 1), train, val,
-                    byte_files, sha256_file(mpath), man["val"]["tokens"])
+                    byte_files, sha256_file(mpath), man["val"]["tokens"], man["val"].get("scored_bytes"))
 
 
 @dataclass
@@ -459,23 +463,37 @@ def load_val_data(spec: DataSpec, h: Hyperparameters) -> ValData:
     if spec.byte_source == "sidecar":
         side = np.concatenate([read_shard(f) for f in spec.byte_files])
         if side.size != tokens.size:
-            raise DataError(f"byte sidecar has {side.size} entries for {tokens.size} val tokens")
+            raise DataError(f"DATA_PATH={h.data_path}: byte sidecar {spec.byte_files} has "
+                            f"{side.size} entries for {tokens.size} val tokens")
         target_bytes = side[1:].astype(np.int64)
     else:
         import sentencepiece as spm
 
         sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
         target_bytes = lut_target_bytes(tokens, build_byte_lut(sp, h.vocab_size))
+    if spec.scored_bytes is not None and int(target_bytes.sum()) != spec.scored_bytes:
+        raise DataError(f"DATA_PATH={h.data_path}: val targets score {int(target_bytes.sum())} bytes, "
+                        f"manifest.json says {spec.scored_bytes} (corrupt sidecar or changed byte LUT)")
     return ValData(torch.from_numpy(tokens.astype(np.int64)), torch.from_numpy(target_bytes),
                    spec.bos_id)
 
 
 def check_disjoint(spec: DataSpec, log) -> None:
-    val = set(doc_hashes(np.concatenate([read_shard(f) for f in spec.val_files]), spec.bos_id))
-    for f in spec.train_files:
-        overlap = val.intersection(doc_hashes(read_shard(f), spec.bos_id))
-        if overlap:
-            raise DataError(f"{f}: {len(overlap)} documents also appear in the val split")
+    """Refuse any train document with the same tokens as a val document. Documents straddling two
+    train shards are hashed whole; empty documents (BOS alone) are skipped."""
+    def hashes(tokens):
+        lengths = np.diff(np.append(np.flatnonzero(tokens == spec.bos_id), tokens.size))
+        return set(doc_hashes(tokens, spec.bos_id)[lengths > 1].tolist())
+
+    val = hashes(np.concatenate([read_shard(f) for f in spec.val_files]))
+    carry = np.zeros(0, np.uint16)
+    for i, f in enumerate(spec.train_files):
+        tokens = np.concatenate([carry, read_shard(f)])
+        starts = np.flatnonzero(tokens == spec.bos_id)
+        cut = starts[-1] if i < len(spec.train_files) - 1 and starts.size else tokens.size
+        body, carry = tokens[:cut], tokens[cut:]
+        if val & hashes(body):
+            raise DataError(f"{f}: train documents identical to val documents (train/val overlap)")
     log(f"check_disjoint: {len(val)} val docs, none in {len(spec.train_files)} train shards")
 
 
