@@ -9,7 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 nproc_=$1 run_id=$2; shift 2
-mkdir -p /tmp/bin && ln -sf "$(command -v python3)" /tmp/bin/python && export PATH=/tmp/bin:$PATH
+py=$(command -v python3)  # a wrapper, not a symlink: a symlinked venv python loses its venv
+mkdir -p /tmp/bin && printf '#!/bin/sh\nexec %s "$@"\n' "$py" > /tmp/bin/python && chmod +x /tmp/bin/python
+export PATH=/tmp/bin:$PATH
 if [ -d .whl ] && ! python3 -c "import brotli" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 fi

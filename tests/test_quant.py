@@ -1,0 +1,329 @@
+"""Tests for quant_section.py (GPTQ + SDClip, LQER, int8 gates, fp16 passthrough, container).
+CPU only, small shapes; run with `python -m pytest tests/test_quant.py -q` from the repo root."""
+
+import os
+import sys
+import time
+import types
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from train_gpt import (  # noqa: E402
+    FP16_TINY, clip_range, dequantize_groups, dequantize_state_dict, deserialize, gptq_quantize,
+    lqer_factors, lqer_reconstruct, quantize_groups, quantize_state_dict, rtn_quantize,
+    sdclip_scale, serialize,
+)
+
+
+def config(**kw):
+    base = dict(matrix_bits=6, embed_bits=7, attn_clip_sigmas=13.0, mlp_clip_sigmas=11.5,
+                embed_clip_sigmas=14.0, matrix_clip_sigmas=12.85, gptq_block_size=128,
+                gptq_damp=0.01, lqer_enabled=True, lqer_rank=4, lqer_top_k=3, lqer_asym_group=64,
+                compressor="brotli")
+    return types.SimpleNamespace(**{**base, **kw})
+
+
+def trained_like(rows, cols, seed=0):
+    """Gaussian with lognormal row/column gains and a few heavy-tailed (Student-t) rows."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g) * 0.02
+    W *= torch.exp(0.3 * torch.randn(rows, 1, generator=g))
+    W *= torch.exp(0.3 * torch.randn(1, cols, generator=g))
+    heavy = torch.distributions.StudentT(2.5).sample((4, cols)) * 0.02
+    W[: 4] = heavy
+    return W
+
+
+def correlated_inputs(n, cols, seed=0):
+    """X = Z @ M with a random mixing M, so that H = X^T X / n is far from diagonal."""
+    g = torch.Generator().manual_seed(seed)
+    M = torch.randn(cols, cols, generator=g) / cols**0.5 + 0.5 * torch.eye(cols)
+    return torch.randn(n, cols, generator=g) @ M
+
+
+def hessian(X):
+    return X.T @ X / X.shape[0]
+
+
+def check_row_bounds(W, q, s, bits):
+    """Inside the clip range the error is at most s/2; outside it the code is +-R."""
+    R, sf = clip_range(bits), s.float()[:, None]
+    assert q.dtype == torch.int8 and s.dtype == torch.float16 and s.shape == (W.shape[0],)
+    assert int(q.abs().max()) <= R
+    inside = W.abs() <= R * sf
+    err = (W - q.float() * sf).abs()
+    assert bool((err[inside] <= sf.expand_as(W)[inside] * (0.5 + 1e-4)).all())
+    assert bool((q[~inside].abs() == R).all())
+    assert bool((torch.sign(q[~inside]) == torch.sign(W[~inside])).all())
+
+
+@pytest.mark.parametrize("make", [lambda: torch.randn(96, 64), lambda: trained_like(96, 64)])
+@pytest.mark.parametrize("bits,sigma", [(6, 3.0), (6, 12.85), (7, 14.0), (4, 2.0)])
+def test_rtn_row_error_bounds(make, bits, sigma):
+    W = make()
+    q, s = rtn_quantize(W, bits, sigma)
+    check_row_bounds(W, q, s, bits)
+    assert torch.equal(s, sdclip_scale(W, bits, sigma))
+    expected = (sigma * W.std(dim=1) / clip_range(bits)).to(torch.float16)
+    assert torch.equal(s, expected)
+
+
+def test_sdclip_rejects_single_column():
+    with pytest.raises(ValueError, match="2\\+ values"):
+        rtn_quantize(torch.randn(5, 1), 6, 12.0)
+
+
+def test_gptq_with_identity_hessian_is_rtn():
+    # with H = I there is no cross-column error to propagate: GPTQ must reduce to rounding
+    W = trained_like(80, 64)
+    q, s = gptq_quantize(W, torch.eye(64), 6, 3.0)
+    q_rtn, s_rtn = rtn_quantize(W, 6, 3.0)
+    assert torch.equal(q, q_rtn) and torch.equal(s, s_rtn)
+    check_row_bounds(W, q, s, 6)
+
+
+@pytest.mark.parametrize("bits,sigma", [(6, 12.85), (4, 4.0)])
+@pytest.mark.parametrize("heavy", [False, True])
+def test_gptq_beats_rtn_on_correlated_inputs(bits, sigma, heavy):
+    W = trained_like(128, 96) if heavy else torch.randn(128, 96) * 0.02
+    X = correlated_inputs(4096, 96)
+    q, s = gptq_quantize(W, hessian(X), bits, sigma, block_size=32)
+    q_r, s_r = rtn_quantize(W, bits, sigma)
+    assert torch.equal(s, s_r) and int(q.abs().max()) <= clip_range(bits)
+    out_err = lambda q, s: (X @ (W - q.float() * s.float()[:, None]).T).norm()
+    assert out_err(q, s) < 0.8 * out_err(q_r, s_r)
+
+
+def test_gptq_block_size_independent_of_block_boundaries():
+    # blocks are only a schedule for the same updates: results agree up to float rounding
+    W, X = torch.randn(64, 96) * 0.02, correlated_inputs(2048, 96, seed=1)
+    q1, _ = gptq_quantize(W, hessian(X), 6, 12.85, block_size=32)
+    q2, _ = gptq_quantize(W, hessian(X), 6, 12.85, block_size=128)
+    assert (q1 != q2).float().mean() < 0.01
+
+
+def test_gptq_dead_columns_and_zero_rows():
+    W = torch.randn(48, 64)
+    W[5] = 0.0
+    X = correlated_inputs(1024, 64)
+    X[:, [3, 17]] = 0.0  # inputs that never fire
+    q, s = gptq_quantize(W, hessian(X), 6, 12.85)
+    assert bool((q[:, [3, 17]] == 0).all()) and bool((q[5] == 0).all())
+    assert float(s[5]) == pytest.approx(FP16_TINY) and bool(torch.isfinite(s.float()).all())
+
+
+def test_indefinite_hessian_gets_more_damping_then_rtn():
+    torch.manual_seed(0)
+    W = {"blocks.0.mlp.proj.weight": torch.randn(32, 64) * 0.02}
+    X = torch.randn(16, 64)  # fewer samples than columns: X^T X is singular
+    A = hessian(X)
+    # eigenvalues down to -0.05 mean(diag): damping 0.01 is not enough, 0.1 is
+    H = A - 0.05 * A.diagonal().mean() * torch.eye(64)
+    lines = []
+    qstate, _ = quantize_state_dict(W, {"blocks.0.mlp.proj.weight": H}, config(), log=lines.append)
+    assert lines == ["gptq (int6, damp 0.1)+lqer_asym: blocks.0.mlp.proj.weight"]
+    for bad in (-torch.eye(64), torch.full((64, 64), float("nan"))):
+        lines = []
+        h = config(lqer_enabled=False)
+        qstate, _ = quantize_state_dict(W, {"blocks.0.mlp.proj.weight": bad}, h, log=lines.append)
+        assert lines == ["rtn (int6, hessian unusable): blocks.0.mlp.proj.weight"]
+        q_rtn, _ = rtn_quantize(W["blocks.0.mlp.proj.weight"], 6, 11.5)
+        assert torch.equal(qstate["blocks.0.mlp.proj.weight"]["q"], q_rtn)
+
+
+def test_quantize_groups_asym_ranges():
+    x = torch.randn(4, 128)
+    q, s = quantize_groups(x, 64, -8, 7, 7.5)
+    assert s.shape == (8,) and int(q.min()) >= -8 and int(q.max()) <= 7
+    err = (x - dequantize_groups(q, s)).reshape(8, 64).abs()
+    # +7.5 s clamps to 7: half a step, plus the fp16 rounding of s
+    assert bool((err <= s.float()[:, None] * 0.51).all())
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 5), st.integers(0, 2**31 - 1))
+def test_quantize_groups_property(rows, groups, seed):
+    x = torch.randn(rows, groups * 16, generator=torch.Generator().manual_seed(seed))
+    q, s = quantize_groups(x, 16, -127, 127, 127.0)
+    err = (x - dequantize_groups(q, s)).reshape(-1, 16).abs()
+    assert bool((err <= s.float()[:, None] * 0.5 + 1e-6).all())
+
+
+def test_lqer_asym_format_and_gain():
+    W = trained_like(256, 64)
+    q, s = rtn_quantize(W, 6, 12.85)
+    E = W - q.float() * s.float()[:, None]
+    f = lqer_factors(E, 4, 64)
+    assert f["lqer_qa"].shape == (256, 4) and f["lqer_sa"].shape == (1,)
+    assert int(f["lqer_qa"].min()) >= -2 and int(f["lqer_qa"].max()) <= 1
+    assert f["lqer_qb"].shape == (4, 64) and f["lqer_sb"].shape == (4,)
+    assert int(f["lqer_qb"].min()) >= -8 and int(f["lqer_qb"].max()) <= 7
+    assert all(v.dtype == torch.float16 for k, v in f.items() if k.endswith(("sa", "sb")))
+    assert (E - lqer_reconstruct(f)).norm() < E.norm()
+
+
+def test_lqer_symmetric_fallback():
+    E = torch.randn(50, 40) * 1e-3 + torch.randn(50, 2) @ torch.randn(2, 40) * 1e-2
+    f = lqer_factors(E, 4, 64)  # 4 * 40 = 160 is not a multiple of 64
+    assert f["lqer_sa"].shape == (50,) and f["lqer_sb"].shape == (4,)
+    assert int(f["lqer_qa"].abs().max()) <= 7 and int(f["lqer_qb"].abs().max()) <= 7
+    assert (E - lqer_reconstruct(f)).norm() < 0.5 * E.norm()
+
+
+def toy_state_dict(d=64, layers=2, kv=32, vocab=256, heads=4, seed=0):
+    torch.manual_seed(seed)
+    sd = {"tok_emb.weight": trained_like(vocab, d, seed)}
+    for i in range(layers):
+        p = f"blocks.{i}."
+        sd[p + "attn.c_q.weight"] = trained_like(d, d, seed + 10 * i + 1)
+        sd[p + "attn.c_k.weight"] = trained_like(kv, d, seed + 10 * i + 2)
+        sd[p + "attn.c_v.weight"] = trained_like(kv, d, seed + 10 * i + 3)
+        sd[p + "attn.proj.weight"] = trained_like(d, d, seed + 10 * i + 4)
+        sd[p + "mlp.fc.weight"] = trained_like(4 * d, d, seed + 10 * i + 5)
+        sd[p + "mlp.proj.weight"] = trained_like(d, 4 * d, seed + 10 * i + 6)
+        sd[p + "attn.attn_gate_w"] = torch.randn(heads, 12)
+        sd[p + "attn.q_gain"] = torch.full((heads,), 5.0) + torch.randn(heads)
+        sd[p + "attn_scale"] = torch.rand(d)
+        sd[p + "resid_mix"] = torch.randn(2, d)
+    sd["skip_weights"] = torch.randn(layers // 2, d)
+    sd["big_other.weight"] = trained_like(300, 256, seed + 99)  # > 65,536: int6, matrix sigma
+    sd["step_counter"] = torch.tensor([7, 8], dtype=torch.int64)
+    return sd
+
+
+def toy_hessians(sd, skip=()):
+    out = {}
+    for name, t in sd.items():
+        gate = name.endswith("gate_w")
+        if t.ndim == 2 and name not in skip and t.is_floating_point() and not gate:
+            out[name] = hessian(correlated_inputs(512, t.shape[1], seed=t.shape[1]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def quantized():
+    sd = toy_state_dict()
+    hessians = toy_hessians(sd, skip=("blocks.1.attn.c_v.weight",))
+    lines = []
+    qstate, stats = quantize_state_dict(sd, hessians, config(), log=lines.append)
+    return sd, qstate, stats, lines
+
+
+def test_state_dict_classes_and_log(quantized):
+    sd, qstate, stats, lines = quantized
+    assert qstate["tok_emb.weight"]["bits"] == 7 and qstate["blocks.0.mlp.fc.weight"]["bits"] == 6
+    assert qstate["big_other.weight"]["bits"] == 6
+    assert qstate["blocks.0.attn.attn_gate_w"]["bits"] == 8
+    assert qstate["skip_weights"]["kind"] == "fp16" and qstate["step_counter"]["kind"] == "raw"
+    logged = [n for line in lines for n in line.split(": ", 1)[1].split(", ")]
+    assert sorted(logged) == sorted(sd)  # every tensor named exactly once
+    rtn_line = "rtn (int6, no hessian): blocks.1.attn.c_v.weight"
+    assert any(line.startswith(rtn_line) for line in lines)
+    assert any("+lqer_asym" in line for line in lines)
+    assert len(stats["lqer"]) == 3 and all("lqer_qa" in qstate[n] for n in stats["lqer"])
+    assert stats["err_sq_final"] < stats["err_sq_gptq"] < 0.1 * stats["weight_sq"]
+    assert sum(stats["counts"].values()) == len(sd)
+
+
+def test_lqer_picks_largest_errors(quantized):
+    sd, qstate, stats, _ = quantized
+    plain = {n: e for n, e in qstate.items() if e["kind"] == "rows" and e["bits"] < 8}
+    errs = {n: (sd[n] - dequantize_groups(e["q"], e["s"])).norm().item() for n, e in plain.items()}
+    assert set(stats["lqer"]) == set(sorted(errs, key=errs.get, reverse=True)[:3])
+    for n in stats["lqer"]:
+        deq = dequantize_state_dict({n: qstate[n]})[n]
+        assert (sd[n] - deq).norm().item() < errs[n]
+
+
+def test_dequantize_keys_shapes_dtypes_and_passthrough(quantized):
+    sd, qstate, _, _ = quantized
+    deq = dequantize_state_dict(qstate)
+    assert list(deq) == list(sd)
+    for name, t in sd.items():
+        assert deq[name].shape == t.shape and deq[name].dtype == t.dtype, name
+    for name in ("skip_weights", "blocks.0.attn.q_gain", "blocks.1.resid_mix"):
+        assert torch.equal(deq[name], sd[name].half().float())
+    assert torch.equal(deq["step_counter"], sd["step_counter"])
+    gate, e = sd["blocks.0.attn.attn_gate_w"], qstate["blocks.0.attn.attn_gate_w"]
+    s = gate.abs().amax(dim=1) / 127
+    assert torch.equal(e["s"], s.half()) and bool((e["q"].abs().amax(dim=1) == 127).all())
+    err = (gate - deq["blocks.0.attn.attn_gate_w"]).abs()
+    assert bool((err <= e["s"].float()[:, None] / 2 + 1e-7).all())
+
+
+def assert_same_qstate(a, b):
+    assert list(a) == list(b)
+    for name in a:
+        assert set(a[name]) == set(b[name]), name
+        for k, v in a[name].items():
+            if isinstance(v, torch.Tensor):
+                assert v.dtype == b[name][k].dtype and v.shape == b[name][k].shape, (name, k)
+                bits = lambda t: t.reshape(-1).view(torch.uint8)
+                assert torch.equal(bits(v), bits(b[name][k]))
+            else:
+                assert v == b[name][k], (name, k)
+
+
+@pytest.mark.parametrize("compressor", ["brotli", "lzma"])
+def test_serialize_roundtrip_and_determinism(quantized, compressor):
+    _, qstate, _, _ = quantized
+    blob = serialize(qstate, config(compressor=compressor))
+    assert blob == serialize(qstate, config(compressor=compressor))
+    back = deserialize(blob)
+    assert_same_qstate(qstate, back)
+    assert serialize(back, config(compressor=compressor)) == blob
+
+
+def test_serialize_odd_tensors():
+    qstate = {
+        "scalar": {"kind": "fp16", "t": torch.tensor(1.5, dtype=torch.float16)},
+        "empty": {"kind": "raw", "t": torch.zeros(0, 3, dtype=torch.int32)},
+        "flags": {"kind": "raw", "t": torch.tensor([True, False, True])},
+        "bf": {"kind": "raw", "t": torch.randn(5).bfloat16()},
+    }
+    assert_same_qstate(qstate, deserialize(serialize(qstate, config())))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 9), st.integers(2, 9), st.sampled_from(["rows", "fp16"])),
+                min_size=1, max_size=5), st.integers(0, 2**31 - 1))
+def test_serialize_roundtrip_property(specs, seed):
+    g = torch.Generator().manual_seed(seed)
+    qstate = {}
+    for i, (r, c, kind) in enumerate(specs):
+        x = torch.randn(r, c, generator=g)
+        if kind == "rows":
+            q, s = rtn_quantize(x, 6, 3.0)
+            qstate[f"blocks.{i}.w"] = {"kind": "rows", "bits": 6, "q": q, "s": s}
+        else:
+            qstate[f"blocks.{i}.w"] = {"kind": "fp16", "t": x.half()}
+    assert_same_qstate(qstate, deserialize(serialize(qstate, config())))
+
+
+def test_deserialize_rejects_bad_headers(quantized):
+    _, qstate, _, _ = quantized
+    blob = serialize(qstate, config())
+    with pytest.raises(ValueError, match="magic"):
+        deserialize(b"XXXX" + blob[4:])
+    with pytest.raises(ValueError, match="version"):
+        deserialize(blob[:4] + bytes([99]) + blob[5:])
+    with pytest.raises(ValueError, match="version"):
+        deserialize(blob[:5] + bytes([7]) + blob[6:])
+    with pytest.raises(ValueError, match="checksum"):
+        deserialize(blob[:6] + bytes([blob[6] ^ 1]) + blob[7:])
+    with pytest.raises(ValueError, match="COMPRESSOR"):
+        serialize(qstate, config(compressor="zstd"))
+
+
+def test_realistic_gptq_timing_cpu():
+    W = trained_like(2048, 512)
+    H = hessian(correlated_inputs(4096, 512))
+    t0 = time.perf_counter()
+    q, s = gptq_quantize(W, H, 6, 11.5)
+    print(f"\nGPTQ 2048x512 int6 on CPU ({torch.get_num_threads()} threads): "
+          f"{time.perf_counter() - t0:.2f}s")
+    assert q.shape == W.shape
