@@ -1443,9 +1443,9 @@ def artifact_accounting(path: str, h: Hyperparameters, log) -> dict:
     log(f"artifact: code {acc['code_bytes']} B ({code_path}) + model {acc['model_bytes']} B = "
         f"{acc['artifact_bytes']} B, margin {ARTIFACT_CAP - acc['artifact_bytes']} B under "
         f"{ARTIFACT_CAP}; sha256 code {acc['code_sha256'][:16]} model {acc['model_sha256'][:16]}")
-    if acc["artifact_bytes"] > ARTIFACT_CAP:
-        raise RuntimeError(f"artifact {acc['artifact_bytes']} B exceeds the {ARTIFACT_CAP} B cap: "
-                           "pack the code (tools/pack.py) or raise the clip sigmas")
+    if acc["artifact_bytes"] > ARTIFACT_CAP:  # scored anyway for diagnosis; main() exits 1 at the end
+        log(f"ERROR: artifact {acc['artifact_bytes']} B exceeds the {ARTIFACT_CAP} B cap: run the "
+            "packed file (tools/pack.py) or raise the clip sigmas. This run is not a valid submission.")
     return acc
 
 
@@ -1704,9 +1704,13 @@ def main():
                  val_bpb_quant=quant.bpb, tokens_scored=quant.tokens, bytes_scored=quant.bytes,
                  source_sha256=hashlib.sha256(source_text().encode()).hexdigest(),
                  **stats, **qstats, **acc, timings={k: round(v, 2) for k, v in ledger.seconds.items()})
+    if acc["artifact_bytes"] > ARTIFACT_CAP:
+        final["legality"] = f"artifact {acc['artifact_bytes']} B over the {ARTIFACT_CAP} B cap"
     log("final_json " + json.dumps(final))
     if dist.is_initialized():
         dist.destroy_process_group()
+    if acc["artifact_bytes"] > ARTIFACT_CAP:
+        sys.exit(f"FAILED: {final['legality']}")
 
 
 if __name__ == "__main__":
