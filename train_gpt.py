@@ -1581,6 +1581,7 @@ def train(model: GPT, h: Hyperparameters, d: Dist, spec: DataSpec, val: ValData,
         step += 1
         elapsed = clock.elapsed_ms()
         if step <= 5 or step % h.train_log_every == 0:
+            loss = all_reduce(loss.reshape(1)) / d.world_size  # mean over all 8 slots of the step
             log(f"{step}/{h.iterations} train_loss: {loss.item():.4f} train_time: {elapsed / 6e4:.2f}m "
                 f"step_avg: {elapsed / step:.1f}ms tok/s: {step * h.train_batch_tokens / elapsed * 1e3:.0f}")
         if h.val_loss_every and step % h.val_loss_every == 0:
