@@ -1,0 +1,50 @@
+"""End to end on CPU: the SMOKE configuration trains (the loss falls), quantizes, writes and reloads
+the artifact, scores every val target, and ends its log with final_json. Also: a packed launcher
+runs the same script and counts its own size as code_bytes."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(script, smoke_dir, tmp_path, run_id, **env):
+    full = {**{k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "SMOKE"))},
+            "SMOKE": "1", "DATA_PATH": smoke_dir, "RUN_ID": run_id, "ITERATIONS": "14",
+            "TOKENIZER_PATH": os.path.join(smoke_dir, "smoke_caseops_1024.model"),
+            "ARTIFACT_DIR": str(tmp_path / run_id), **env}
+    res = subprocess.run([sys.executable, script], cwd=tmp_path, env=full, capture_output=True,
+                         text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return open(tmp_path / "logs" / f"{run_id}.txt").read()
+
+
+def final_json(log: str) -> dict:
+    return json.loads([l for l in log.splitlines() if l.startswith("final_json ")][-1][11:])
+
+
+def test_smoke_run_end_to_end(smoke_dir, tmp_path):
+    log = run(os.path.join(REPO, "train_gpt.py"), smoke_dir, tmp_path, "smoke_e2e")
+    losses = [float(x) for x in re.findall(r"train_loss: ([\d.]+)", log)]
+    assert losses[-1] < losses[0] - 1.0, losses
+    out = final_json(log)
+    n_targets = int(re.search(r"val_targets (\d+)", log).group(1))
+    assert out["mode"] == "smoke" and out["tokens_scored"] == n_targets
+    assert out["code_bytes"] == os.path.getsize(os.path.join(REPO, "train_gpt.py"))
+    assert out["artifact_bytes"] == out["code_bytes"] + out["model_bytes"] < 16_000_000
+    assert 0 < out["val_bpb_prequant"] < out["val_bpb_quant"] + 0.05 < 10
+    assert "grad_accum 8 attention sdpa" in log  # CPU: SDPA with an explicit document mask
+
+
+def test_packed_launcher_counts_itself(smoke_dir, tmp_path):
+    packed = tmp_path / "packed" / "train_gpt.py"
+    subprocess.run([sys.executable, os.path.join(REPO, "tools", "pack.py"),
+                    os.path.join(REPO, "train_gpt.py"), "-o", str(packed)], check=True)
+    log = run(str(packed), smoke_dir, tmp_path, "smoke_packed", ITERATIONS="2", WARMUP_STEPS="0")
+    out = final_json(log)
+    assert out["code_bytes"] == os.path.getsize(packed) < 40_000
+    src = open(os.path.join(REPO, "train_gpt.py"), "rb").read()
+    import hashlib
+    assert out["source_sha256"] == hashlib.sha256(src).hexdigest()
