@@ -165,7 +165,7 @@ SMOKE_PRESET = dict(
     loop_start=2, loop_end=3, parallel_start_layer=4, train_batch_tokens=8 * 512,
     train_seq_len=256, iterations=40, max_wallclock_seconds=0.0, warmup_steps=1,
     train_log_every=5, val_batch_tokens=4096, gptq_reserve_seconds=0.0, ema_decay=0.9,
-    eval_seq_len=256, sliding_enabled=True, ttt_lora_rank=4, ttt_chunk_size=16,
+    eval_seq_len=128, sliding_enabled=True, ttt_lora_rank=4, ttt_chunk_size=32,
     ttt_eval_seq_len=128, ttt_batch_size=8, phased_ttt_prefix_docs=16, phased_ttt_num_phases=2,
     global_ttt_chunk_tokens=2048, global_ttt_batch_seqs=8,
 )
