@@ -1319,7 +1319,8 @@ def ttt_chunk(model, lora, opt, vd: ValData, p: dict, h, led, score_after_update
 
 def ttt_batch(model, lora, docs, starts, ends, vd, h, led, score_after_update=False):
     """One batch: fresh optimizer state (B was zeroed by the caller), chunks in order."""
-    opt = torch.optim.AdamW(lora_params(lora), lr=h.ttt_lora_lr, betas=(h.ttt_beta1, h.ttt_beta2),
+    params = [t for ab in lora_pairs(lora) for t in ab]
+    opt = torch.optim.AdamW(params, lr=h.ttt_lora_lr, betas=(h.ttt_beta1, h.ttt_beta2),
                             eps=1e-10, weight_decay=h.ttt_weight_decay, fused=vd.tokens.is_cuda)
     docs = np.pad(docs, (0, h.ttt_batch_size - docs.size), constant_values=-1)
     sums = torch.zeros(3, dtype=torch.float64, device=vd.tokens.device)
@@ -1327,10 +1328,6 @@ def ttt_batch(model, lora, docs, starts, ends, vd, h, led, score_after_update=Fa
         sums += ttt_chunk(model, lora, opt, vd, chunk_plan(docs, starts, ends, c, h), h, led,
                           score_after_update)
     return sums
-
-
-def lora_params(lora: dict) -> list:
-    return [t for ab in lora_pairs(lora) for t in ab]
 
 
 def chunks_of(docs, starts, ends, h) -> int:
@@ -1361,13 +1358,19 @@ class Progress:
     """One rank's TTT state: score sums, scored docs as (batch, position, doc), chunk steps done
     and left, and seconds spent scoring and in global SGD."""
     acc: torch.Tensor
+    steps_left: int
     done: list = field(default_factory=list)
+    batches: int = 0
     steps_done: int = 0
-    steps_left: int = 0
     scoring_s: float = 0.0
     sgd_s: float = 0.0
 
-    def projected_s(self) -> float:
+    def add_batch(self, b: int, docs, sums, steps: int):
+        self.acc += sums
+        self.done += [(b, i, int(doc)) for i, doc in enumerate(docs)]
+        self.batches, self.steps_done, self.steps_left = self.batches + 1, self.steps_done + steps, self.steps_left - steps
+
+    def projected_s(self) -> float:  # conservative: later batches use shorter windows
         return self.scoring_s / max(self.steps_done, 1) * self.steps_left
 
 
@@ -1461,17 +1464,16 @@ def ttt_eval(model: GPT, val: ValData, h: Hyperparameters, d: Dist, led: ScoreLe
     model.requires_grad_(False)
     lora, begin = new_lora(model, h, h.ttt_batch_size, d.device), 0
     steps = [chunks_of(b, starts, ends, h) for b in queue]
-    prog = Progress(torch.zeros(3, dtype=torch.float64, device=d.device),
-                    steps_left=sum(steps[d.rank::d.world_size]))
+    prog = Progress(torch.zeros(3, dtype=torch.float64, device=d.device), sum(steps[d.rank::d.world_size]))
     for phase, (cut, bound) in enumerate(cuts + [(len(queue), None)]):
         reset_lora(lora, h.seed * 1000 + phase)
         t0 = budget.elapsed()
         for b in range(begin + d.rank, cut, d.world_size):
             reset_lora(lora, None if h.ttt_warm_start_a else h.seed * 1000003 + b)
-            prog.acc += ttt_batch(model, lora, queue[b], starts, ends, vd, h, led, score_after_update)
-            prog.done += [(b, i, int(doc)) for i, doc in enumerate(queue[b])]
-            prog.steps_done, prog.steps_left = prog.steps_done + steps[b], prog.steps_left - steps[b]
-            log_ttt_batch(log, b, queue, prog, budget, starts, ends)
+            sums = ttt_batch(model, lora, queue[b], starts, ends, vd, h, led, score_after_update)
+            prog.add_batch(b, queue[b], sums, steps[b])
+            if prog.batches % max(1, len(queue) // (20 * d.world_size)) == 0:
+                log_ttt_batch(log, b, len(queue), prog, budget, ends[queue[b]] - starts[queue[b]])
         prog.scoring_s += budget.elapsed() - t0
         if bound is not None:
             ttt_pause(model, val, starts, ends, bound, phase, prog, h, d, led, log, budget)
@@ -1481,12 +1483,9 @@ def ttt_eval(model: GPT, val: ValData, h: Hyperparameters, d: Dist, led: ScoreLe
     return reduce_score(*prog.acc)
 
 
-def log_ttt_batch(log, b: int, queue: list, prog: Progress, budget: EvalBudget, starts, ends):
-    if b % max(1, len(queue) // 20):
-        return
+def log_ttt_batch(log, b: int, n: int, prog: Progress, budget: EvalBudget, lens):
     s = Score(*prog.acc.tolist())  # this rank's running sums
-    lens = ends[queue[b]] - starts[queue[b]]
-    log(f"ttp: b{b + 1}/{len(queue)} dl:{lens.min()}-{lens.max()} rl:{s.loss:.4f} rb:{s.bpb:.4f} "
+    log(f"ttp: b{b + 1}/{n} dl:{lens.min()}-{lens.max()} rl:{s.loss:.4f} rb:{s.bpb:.4f} "
         f"t:{budget.elapsed():.1f}s")
 
 
