@@ -1091,13 +1091,19 @@ def find_docs(tokens: torch.Tensor, bos_id: int):
     return starts, np.append(starts[1:], n)
 
 
+def to_device(a: np.ndarray, device) -> torch.Tensor:
+    """Small per-step host arrays: pinned and non-blocking, so the GPU queue never drains."""
+    t = torch.from_numpy(a)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 def window_rows(tokens, ws, we, ss, rows: int, length: int):
     """Rows of inputs tokens[ws:we], left-aligned and right-padded with id 0 to `length`, their
     next-token targets, each position's target index, and the mask of scored targets [ss, we).
     ws, we, ss are numpy arrays of at most `rows` windows; missing rows are empty."""
     bounds = np.zeros((3, rows), np.int64)
     bounds[:, :len(ws)] = ws, we, ss
-    ws, we, ss = torch.from_numpy(bounds).to(tokens.device)
+    ws, we, ss = to_device(bounds, tokens.device)
     idx = ws[:, None] + torch.arange(length, device=tokens.device)
     valid = idx < we[:, None]
     idx = torch.where(valid, idx, torch.zeros_like(idx))
@@ -1305,7 +1311,7 @@ def ttt_chunk(model, lora, opt, vd: ValData, p: dict, h, led, score_after_update
     if not score_after_update:
         sums = account(led, vd.target_bytes, nll, idx, scored, score_rows)
     if p["step"].any():
-        w = torch.from_numpy(p["step"].astype(np.float32)).to(nll.device)
+        w = to_device(p["step"].astype(np.float32), nll.device)
         ((nll * scored).sum(1) / scored.sum(1).clamp_min(1) * w).sum().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -1445,7 +1451,8 @@ def ttt_pause(model, val, starts, ends, bound, phase, prog: Progress, h, d, led,
         log(f"ttpp: phase:{phase + 1} skipped (budget: projected scoring {budget.reserve:.0f}s left)")
         return
     led.record("update", np.stack([prefix, starts[prefix], ends[prefix]], 1))
-    stream = torch.cat([val.tokens[starts[k]:ends[k]] for k in prefix]).to(d.device)
+    n = val.num_targets  # the stream's last doc keeps its final token
+    stream = torch.cat([val.tokens[starts[k]:ends[k] + (ends[k] == n)] for k in prefix]).to(d.device)
     steps = global_sgd(model, stream, h, d, budget, log, f"tttg phase:{phase + 1}")
     prog.sgd_s += budget.elapsed() - t0
     log(f"ttpp: phase:{phase + 1} docs:{prefix.size} tokens:{stream.numel()} sgd_steps:{steps} "
