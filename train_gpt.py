@@ -1122,10 +1122,11 @@ class ScoreLedger:
     An event is (kind, clock, rows [n, 3] of (doc, start, end)). A "score" row: targets
     [start, end) were scored (doc -1 for sliding windows). An "update" row: the state stepped had
     consumed targets [doc start, end) of that doc (a TTT adapter holds its whole doc prefix).
-    Clocks are per rank and aligned (MAX) at every phase pause, so C3 holds across ranks."""
+    Clocks are per rank and aligned (MAX) at every phase pause, so C3 holds across ranks.
+    `seconds` holds the eval's sub-phase times, merged into the run's timing Ledger."""
 
     def __init__(self, num_targets: int, device, keep_nll: bool = False):
-        self.n, self.device, self.clock, self.events = num_targets, device, 0, []
+        self.n, self.device, self.clock, self.events, self.seconds = num_targets, device, 0, [], {}
         self.nll = torch.full((num_targets,), float("nan")) if keep_nll else None  # tools only
 
     def record(self, kind: str, rows, idx=None, nll=None, mask=None):
@@ -1455,6 +1456,7 @@ def ttt_pause(model, val, starts, ends, bound, phase, prog: Progress, h, d, led,
     stream = torch.cat([val.tokens[starts[k]:ends[k] + (ends[k] == n)] for k in prefix]).to(d.device)
     steps = global_sgd(model, stream, h, d, budget, log, f"tttg phase:{phase + 1}")
     prog.sgd_s += budget.elapsed() - t0
+    led.seconds[f"ttt_phase{phase + 1}_global_sgd"] = budget.elapsed() - t0
     log(f"ttpp: phase:{phase + 1} docs:{prefix.size} tokens:{stream.numel()} sgd_steps:{steps} "
         f"t:{budget.elapsed():.1f}s")
 
@@ -1485,6 +1487,7 @@ def ttt_eval(model: GPT, val: ValData, h: Hyperparameters, d: Dist, led: ScoreLe
         if bound is not None:
             ttt_pause(model, val, starts, ends, bound, phase, prog, h, d, led, log, budget)
         begin = cut
+    led.seconds["ttt_lora_scoring"] = prog.scoring_s
     log(f"ttt timer: {budget.elapsed():.1f}s (rank 0: LoRA scoring {prog.scoring_s:.1f}s, "
         f"global SGD {prog.sgd_s:.1f}s)")
     return reduce_score(*prog.acc)
@@ -1551,6 +1554,7 @@ def scored_eval(name: str, fn, model, val, h, d, log, ledger, starts, ends):
         mark_prequant(led, starts, ends)
     with ledger.phase(name):
         score = fn(model, val, h, d, led, log)
+    ledger.seconds.update(led.seconds)  # sub-phases of `name` (already inside its time)
     checks = check_ledger(led, starts)
     log(f"{name} val_loss: {score.loss:.6f} val_bpb: {score.bpb:.6f} tokens {score.tokens} "
         f"bytes {score.bytes} of {val.num_targets} targets ({ledger.seconds[name]:.1f}s) "
