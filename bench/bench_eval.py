@@ -2,6 +2,7 @@
 
   python bench/bench_eval.py                              # 300K tokens, doc lengths ~ FineWeb-like
   BENCH_EVAL_TOKENS=1000000 BENCH_EVAL_PREFIX=120 python bench/bench_eval.py
+  torchrun --standalone --nproc_per_node=2 bench/bench_eval.py   # work split over NCCL ranks
 
 Runs final_evaluation (compile warmup on random tokens, diagnostic, sliding, phased LoRA TTT)
 on a randomly initialized record-size model and prints each phase's time, the TTT chunk steps
@@ -37,7 +38,7 @@ def main():
     n_tokens = int(os.environ.pop("BENCH_EVAL_TOKENS", "300000"))
     prefix = os.environ.pop("BENCH_EVAL_PREFIX", "60")
     h = tg.load_config({"PHASED_TTT_PREFIX_DOCS": prefix, "SLIDING_ENABLED": "1"})
-    d = tg.Dist(0, 1, 0, torch.device("cuda", 0))
+    d = tg.init_distributed(h)
     torch.manual_seed(0)
     model = tg.GPT(h, 1, tg.pick_attention_backend(d.device)).to(d.device)
     with torch.no_grad():  # nonzero everywhere, so every path (gates, smear, LoRA grads) is live
@@ -47,8 +48,9 @@ def main():
     val = synthetic_docs(n_tokens, h.vocab_size)
     starts, ends = tg.find_docs(val.tokens, 1)
     steps = sum(tg.chunks_of(b, starts, ends, h) for b in tg.ttt_queue(ends - starts, h.ttt_batch_size))
-    print(f"synthetic val: {val.num_targets} targets, {starts.size} docs, max doc {int((ends - starts).max())}, "
-          f"TTT chunk steps {steps}, attention {model.backend}")
+    log = print if d.is_main else (lambda *a, **k: None)
+    log(f"synthetic val: {val.num_targets} targets, {starts.size} docs, max doc {int((ends - starts).max())}, "
+          f"TTT chunk steps {steps}, attention {model.backend}, world {d.world_size}")
     warm = tg.eval_warmup
     after = {}
 
@@ -58,10 +60,12 @@ def main():
     tg.eval_warmup = counted_warmup
     ledger = tg.Ledger(d.device)
     t0 = time.perf_counter()
-    out = tg.final_evaluation(model, val, h, d, print, ledger)
+    out = tg.final_evaluation(model, val, h, d, log, ledger)
+    if not d.is_main:
+        return
     print(f"total {time.perf_counter() - t0:.1f}s; graphs compiled by warmup {after['graphs']}, "
           f"after warmup {graph_count() - after['graphs']}")
-    print(f"TTT: {1000 * out['eval_time_s'] / steps:.1f} ms per chunk step (incl. global SGD); "
+    print(f"TTT: {1000 * out['eval_time_s'] * d.world_size / steps:.1f} ms per chunk step per GPU (incl. global SGD); "
           f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     print({k: out[k] for k in ("val_bpb", "val_bpb_sliding", "val_bpb_diagnostic", "legality",
                                "tokens_scored", "eval_time_s", "eval_strict_s", "timings")})
@@ -69,3 +73,5 @@ def main():
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
