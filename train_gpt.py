@@ -116,6 +116,33 @@ class Hyperparameters:
     lqer_top_k: int = 3
     lqer_asym_group: int = 64  # int4 group size of the LQER B factor
     compressor: str = "brotli"  # brotli (quality 11) | lzma (preset 9)
+    # evaluation (the score is phased LoRA TTT; see the Evaluation section)
+    eval_seq_len: int = 2048  # sliding-window length
+    eval_stride: int = 64  # each sliding window after the first scores its last EVAL_STRIDE targets
+    sliding_enabled: bool = False  # off: 84-121 s (8xH100) on top of ~480 s of TTT overruns 600 s
+    eval_budget_seconds: float = 600.0  # timed TTT eval; global SGD phases are cut to fit, logged
+    eval_only: str = ""  # path of a saved artifact: skip training and score it ("" = train)
+    ttt_enabled: bool = True  # score with LoRA TTT (else sliding if enabled, else non-overlapping)
+    ttt_lora_rank: int = 80
+    ttt_lora_alpha: float = 144.0  # adapter outputs are scaled by alpha / rank
+    ttt_lora_lr: float = 1e-4  # AdamW on the adapters, one step per chunk
+    ttt_beta1: float = 0.0
+    ttt_beta2: float = 0.99
+    ttt_weight_decay: float = 0.5
+    ttt_chunk_size: int = 48  # tokens of each document scored, then trained on, per step
+    ttt_eval_seq_len: int = 2048  # context window ending at each chunk end; global SGD row length
+    ttt_batch_size: int = 64  # documents per batch, one adapter set each
+    ttt_warm_start_a: bool = True  # A keeps its trained value across batches of a phase (B restarts at 0)
+    phased_ttt_prefix_docs: int = 2500  # docs, in scoring order, that the global SGD phases train on
+    phased_ttt_num_phases: int = 3  # pause at floor(P*(i+1)/K) scored docs; 0 = plain LoRA TTT
+    global_ttt_lr: float = 0.001  # SGD on every base weight during a pause, cosine over chunks
+    global_ttt_momentum: float = 0.9
+    global_ttt_epochs: int = 1
+    global_ttt_chunk_tokens: int = 32768  # one SGD step per chunk; the last chunk is skipped
+    global_ttt_batch_seqs: int = 32  # rows per micro-batch, all ranks together
+    global_ttt_grad_clip: float = 1.0  # on the all-reduced gradient norm
+    prequant_ttt_epochs: int = 0  # ILLEGAL (C3) research mode: AdamW on val before quantization
+    prequant_ttt_lr: float = 5e-4  # its peak LR, cosine over epochs (PR #1738 default)
 
     def __post_init__(self):
         if not self.run_id:
@@ -128,6 +155,13 @@ class Hyperparameters:
             raise ValueError("MODEL_DIM must divide by NUM_HEADS, NUM_HEADS by NUM_KV_HEADS")
         if self.train_batch_tokens % 8 or (self.train_batch_tokens // 8) % 128:
             raise ValueError("TRAIN_BATCH_TOKENS must be 8 slots of a multiple of 128 tokens")
+        if self.eval_only and self.prequant_ttt_epochs:
+            raise ValueError("PREQUANT_TTT_EPOCHS needs a training run; unset it with EVAL_ONLY")
+        if max(self.eval_seq_len, self.ttt_eval_seq_len) > self.train_seq_len:
+            raise ValueError("EVAL_SEQ_LEN and TTT_EVAL_SEQ_LEN must not exceed TRAIN_SEQ_LEN "
+                             "(attention segments are cut every TRAIN_SEQ_LEN tokens)")
+        if self.eval_stride >= self.eval_seq_len or self.ttt_chunk_size > self.ttt_eval_seq_len:
+            raise ValueError("need EVAL_STRIDE < EVAL_SEQ_LEN and TTT_CHUNK_SIZE <= TTT_EVAL_SEQ_LEN")
 
     @property
     def head_dim(self) -> int:
@@ -150,6 +184,9 @@ SMOKE_PRESET = dict(
     train_seq_len=256, iterations=40, max_wallclock_seconds=0.0, warmup_steps=1,
     train_log_every=5, val_batch_tokens=4096, gptq_reserve_seconds=0.0, ema_decay=0.9,
     gptq_calibration_batches=2,
+    eval_seq_len=128, sliding_enabled=True, ttt_lora_rank=4, ttt_chunk_size=32,
+    ttt_eval_seq_len=128, ttt_batch_size=8, phased_ttt_prefix_docs=16, phased_ttt_num_phases=2,
+    global_ttt_chunk_tokens=2048, global_ttt_batch_seqs=8,
 )
 # Names used by earlier record scripts, each mapped to what replaces it here.
 RENAMED = {
@@ -158,11 +195,18 @@ RENAMED = {
     "SMEAR_GATE": "SMEAR_GATE_ENABLED", "GATE_WIDTH": "GATE_WINDOW",
     "SMEAR_GATE_WIDTH": "GATE_WINDOW", "CASEOPS_ENABLED": "nothing: the data manifest decides",
     "TTT_EVAL_ONLY": "EVAL_ONLY", "EVAL_ONLY_PATH": "EVAL_ONLY",
+    "SLIDING_WINDOW_ENABLED": "SLIDING_ENABLED", "PREQ_TTT_EPOCHS": "PREQUANT_TTT_EPOCHS",
+    "TTT_K_LORA": "nothing: Q, K, V, O, MLP and head adapters are always on",
+    "TTT_MLP_LORA": "nothing: Q, K, V, O, MLP and head adapters are always on",
+    "TTT_O_LORA": "nothing: Q, K, V, O, MLP and head adapters are always on",
+    "TTT_GRAD_STEPS": "nothing: one step per chunk", "TTT_OPTIMIZER": "nothing: AdamW only",
+    "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES": "nothing: documents are always kept apart",
 }
 OUR_PREFIXES = (
     "TTT_", "GPTQ_", "LQER_", "MUON_", "PHASED_", "GLOBAL_TTT_", "SMEAR_", "ATTN_", "EMBED_",
     "TIED_", "LOOP_", "PARALLEL_", "QK_", "ROPE_", "EVAL_", "VAL_", "TRAIN_", "MLP_", "GATED_",
     "SPARSE_", "EMA_", "WARMDOWN_", "MATRIX_", "SCALAR_", "ADAM_", "NUM_LAYERS", "NUM_LOOPS",
+    "SLIDING_", "PREQUANT_",
 )
 
 
@@ -1431,6 +1475,8 @@ def load_artifact(path: str, h: Hyperparameters, d: Dist, bos_id: int, backend: 
         state = dequantize_state_dict(deserialize(f.read()))
     model = GPT(h, bos_id, backend).to(d.device)
     model.load_state_dict({k: v.to(d.device) for k, v in state.items()})
+    if d.device.type == "cuda":
+        compile_model(model)
     return model
 
 
@@ -1495,6 +1541,546 @@ def eval_val(model: GPT, val: ValData, d: Dist, window: int) -> Score:
         acc += torch.stack([nll.double().sum(), val.target_bytes[s:e].sum().to(dev).double(),
                             torch.tensor(e - s, device=dev, dtype=torch.float64)])
     return reduce_score(*acc)
+
+
+def on_device(val: ValData, device) -> ValData:
+    return ValData(val.tokens.to(device), val.target_bytes.to(device), val.bos_id)
+
+
+def find_docs(tokens: torch.Tensor, bos_id: int):
+    """Target ranges [start, end) of the documents. Doc k = tokens[BOS_k .. BOS_k+1]: its last
+    target is the next BOS and the last doc runs to the stream end (a span before the first BOS
+    is a doc too), so the documents' targets tile the stream exactly once."""
+    n = tokens.numel() - 1
+    starts = torch.nonzero(tokens[:n].cpu() == bos_id).flatten().numpy()
+    if starts.size == 0 or starts[0] != 0:
+        starts = np.concatenate([[0], starts])
+    return starts, np.append(starts[1:], n)
+
+
+def to_device(a: np.ndarray, device) -> torch.Tensor:
+    """Small per-step host arrays: pinned and non-blocking, so the GPU queue never drains."""
+    t = torch.from_numpy(a)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+def window_rows(tokens, ws, we, ss, rows: int, length: int):
+    """Rows of inputs tokens[ws:we], left-aligned and right-padded with id 0 to `length`, their
+    next-token targets, each position's target index, and the mask of scored targets [ss, we).
+    ws, we, ss are numpy arrays of at most `rows` windows; missing rows are empty."""
+    bounds = np.zeros((3, rows), np.int64)
+    bounds[:, :len(ws)] = ws, we, ss
+    ws, we, ss = to_device(bounds, tokens.device)
+    idx = ws[:, None] + torch.arange(length, device=tokens.device)
+    valid = idx < we[:, None]
+    idx = torch.where(valid, idx, torch.zeros_like(idx))
+    x, y = torch.where(valid, tokens[idx], 0), torch.where(valid, tokens[idx + 1], 0)
+    return x, y, idx, valid & (idx >= ss[:, None])
+
+
+# Legality ledger. Conditions of Issue #1017: C1 causal, C2 normalized, C3 score before update,
+# C4 each target scored once. C1 and C2 are properties of the code, tested by tools/legality.py;
+# C3 and C4 are checked at run time, on every eval, from this ledger.
+
+
+class ScoreLedger:
+    """Every scored target and every optimizer step that consumed val tokens.
+
+    An event is (kind, clock, rows [n, 3] of (doc, start, end)). A "score" row: targets
+    [start, end) were scored (doc -1 for sliding windows). An "update" row: the state stepped had
+    consumed targets [doc start, end) of that doc (a TTT adapter holds its whole doc prefix).
+    Clocks are per rank and aligned (MAX) at every phase pause, so C3 holds across ranks.
+    `seconds` holds the eval's sub-phase times, merged into the run's timing Ledger."""
+
+    def __init__(self, num_targets: int, device, keep_nll: bool = False):
+        self.n, self.device, self.clock, self.events, self.seconds = num_targets, device, 0, [], {}
+        self.nll = torch.full((num_targets,), float("nan")) if keep_nll else None  # tools only
+
+    def record(self, kind: str, rows, idx=None, nll=None, mask=None):
+        self.clock += 1
+        self.events.append((kind, self.clock, np.asarray(rows, np.int64).reshape(-1, 3)))
+        if self.nll is not None and nll is not None:
+            self.nll[idx[mask].cpu()] = nll.detach()[mask].float().cpu()
+
+    def sync(self):
+        t = torch.tensor([self.clock], device=self.device)
+        self.clock = int(all_reduce(t, dist.ReduceOp.MAX).item())
+
+    def table(self, kind: str):
+        ev = [(c, r) for k, c, r in self.events if k == kind] or [(0, np.zeros((0, 3), np.int64))]
+        rows = torch.from_numpy(np.concatenate([r for _, r in ev])).to(self.device)
+        clocks = torch.from_numpy(np.repeat([c for c, _ in ev], [len(r) for _, r in ev]))
+        return rows, clocks.long().to(self.device)
+
+
+def expand_rows(rows: torch.Tensor, clocks: torch.Tensor):
+    """Target index and clock of every target covered by rows (doc, start, end)."""
+    lens = (rows[:, 2] - rows[:, 1]).clamp_min(0)
+    offset = torch.repeat_interleave(rows[:, 1] - (lens.cumsum(0) - lens), lens)
+    idx = torch.arange(int(lens.sum()), device=rows.device) + offset
+    return idx, torch.repeat_interleave(clocks, lens)
+
+
+NEVER = 2**40  # the clock of a target that was never scored
+
+
+def score_clocks(led: ScoreLedger):
+    """Per target, over all ranks: how often it was scored, and the clock of its first score."""
+    idx, clk = expand_rows(*led.table("score"))
+    count = all_reduce(torch.bincount(idx, minlength=led.n))
+    first = torch.full((led.n,), NEVER, dtype=torch.long, device=led.device)
+    first = first.scatter_reduce(0, idx, clk, "amin")
+    return count, all_reduce(first, dist.ReduceOp.MIN)
+
+
+def check_ledger(led: ScoreLedger, starts: np.ndarray) -> dict:
+    """C4: every target scored exactly once. C3: every update row's doc prefix [start, end) was
+    fully scored at an earlier clock (the latest score in a prefix is a cummax within the doc)."""
+    count, first = score_clocks(led)
+    doc = torch.zeros(led.n, dtype=torch.long, device=led.device)
+    doc[torch.from_numpy(starts).to(led.device)] = 1
+    doc = doc.cumsum(0) - 1
+    latest = (doc * (NEVER + 1) + first).cummax(0).values - doc * (NEVER + 1)
+    rows, clocks = led.table("update")
+    late = (latest[rows[:, 2] - 1] >= clocks).sum() if rows.numel() else torch.zeros((), device=led.device)
+    late = int(all_reduce(late.reshape(1).long()).item())
+    return dict(C3=late == 0, C4=bool((count == 1).all()), scored=int(count.sum()), late_updates=late)
+
+
+def mark_prequant(led: ScoreLedger, starts, ends):
+    """Pre-quant TTT trained on every val target before any score: one update event first."""
+    led.record("update", np.stack([np.arange(starts.size), starts, ends], 1))
+
+
+def verdict(checks: dict, h: Hyperparameters, n: int) -> str:
+    if not checks["C3"]:
+        if h.prequant_ttt_epochs:
+            return "C3: pre-quant TTT trained on val before scoring"
+        return f"C3: {checks['late_updates']} optimizer steps used tokens before they were scored"
+    if not checks["C4"]:
+        return f"C4: {checks['scored']} scores for {n} targets, not each exactly once"
+    return "compliant"
+
+
+def account(led: ScoreLedger, tbytes, nll, idx, scored, rows) -> torch.Tensor:
+    """Record scored targets in the ledger; return their (nll, bytes, count) sums."""
+    nll = nll.detach()
+    led.record("score", rows, idx, nll, scored)
+    m = scored.double()
+    return torch.stack([(nll.double() * m).sum(), (tbytes[idx].double() * m).sum(), m.sum()])
+
+
+# Sliding windows (spec 6.2): every target once, each after at least L - stride tokens of its
+# document (the forward keeps documents apart, so windows need not align with them).
+
+
+def sliding_windows(n: int, length: int, stride: int):
+    """Window w ends at min(length + w stride, n) and scores the targets after the previous
+    window's end: the first all of its targets, every other one its last `stride`."""
+    ends = np.minimum(length + stride * np.arange(1 + max(0, -(-(n - length) // stride))), n)
+    return ends, np.concatenate([[0], ends[:-1]])
+
+
+@torch.no_grad()
+def eval_sliding(model: GPT, val: ValData, h: Hyperparameters, d: Dist, led: ScoreLedger, log) -> Score:
+    """Batches of a fixed [rows, EVAL_SEQ_LEN] shape, dealt round-robin to ranks."""
+    L, rows = h.eval_seq_len, max(1, h.val_batch_tokens // 8 // h.eval_seq_len)
+    ends, firsts = sliding_windows(val.num_targets, L, h.eval_stride)
+    vd = on_device(val, d.device)
+    acc = torch.zeros(3, dtype=torch.float64, device=d.device)
+    for b in range(d.rank, -(-ends.size // rows), d.world_size):
+        we, ss = ends[b * rows:(b + 1) * rows], firsts[b * rows:(b + 1) * rows]
+        x, y, idx, scored = window_rows(vd.tokens, np.maximum(we - L, 0), we, ss, rows, L)
+        table = np.stack([np.full_like(we, -1), ss, we], 1)
+        acc += account(led, vd.target_bytes, model(x, y), idx, scored, table)
+    log(f"sliding: {ends.size} windows of {L} stride {h.eval_stride}, {rows} rows per forward")
+    return reduce_score(*acc)
+
+
+# Per-document LoRA TTT (spec 6.4) with phased global SGD (spec 6.5). Documents sorted by length
+# are cut into batches, queue longest first; each rank takes every world_size-th batch of a
+# phase segment (static, so no shared files). Per chunk: score first, then one AdamW step.
+
+
+def ttt_queue(lengths: np.ndarray, batch_size: int) -> list:
+    order = np.argsort(lengths, kind="stable")
+    batches = [order[i:i + batch_size] for i in range(0, order.size, batch_size)]
+    return sorted(batches, key=lambda b: -lengths[b].max())
+
+
+def phase_cuts(queue: list, h: Hyperparameters) -> list:
+    """(batches scored, boundary b_i) of each global SGD pause: the first batch end where the
+    scored-doc count reaches b_i = floor(P (i+1) / K). Set by the queue alone, so the pauses and
+    the scores do not depend on the number of ranks."""
+    K, P = h.phased_ttt_num_phases, h.phased_ttt_prefix_docs
+    done = np.cumsum([b.size for b in queue])
+    cuts = [(int(np.searchsorted(done, P * (i + 1) // K)) + 1, P * (i + 1) // K)
+            for i in range(K if P else 0)]
+    return [c for c in cuts if c[0] < len(queue)]  # a pause with nothing left to score is moot
+
+
+def new_lora(model: GPT, h: Hyperparameters, rows: int, device) -> dict:
+    """Adapters for every virtual layer position (q, k, v, o, mlp) and the LM head, each a pair
+    of fp32 leaves (A [rows, r, in], B [rows, out, r]); all inputs are model_dim wide."""
+    dm, kv, r = h.model_dim, h.num_kv_heads * h.head_dim, h.ttt_lora_rank
+    pair = lambda out: tuple(torch.zeros(shape, device=device, requires_grad=True)  # noqa: E731
+                             for shape in ((rows, r, dm), (rows, out, r)))
+    layer = lambda: dict(q=pair(dm), k=pair(kv), v=pair(kv), o=pair(dm), mlp=pair(dm))  # noqa: E731
+    n = len(model.layer_order(model.looping))
+    return dict(scale=h.ttt_lora_alpha / r, layers=[layer() for _ in range(n)], head=pair(h.vocab_size))
+
+
+def lora_pairs(lora: dict) -> list:
+    return [ab for layer in lora["layers"] for ab in layer.values()] + [lora["head"]]
+
+
+@torch.no_grad()
+def reset_lora(lora: dict, seed):
+    """B <- 0 (no change to the model); A <- U(+-1/sqrt(in)) drawn from `seed`, or kept if None."""
+    gen = None if seed is None else torch.Generator(lora["head"][0].device).manual_seed(seed)
+    for a, b in lora_pairs(lora):
+        b.zero_()
+        if gen is not None:
+            a.uniform_(-a.size(-1) ** -0.5, a.size(-1) ** -0.5, generator=gen)
+
+
+def lora_view(lora: dict, dtype) -> dict:
+    """The adapters as GPT.forward takes them, cast to the compute dtype (fp32 masters train)."""
+    cast = lambda ab: (ab[0].to(dtype), ab[1].to(dtype))  # noqa: E731
+    s = lora["scale"]
+    layers = [dict({k: cast(ab) for k, ab in layer.items()}, scale=s) for layer in lora["layers"]]
+    return dict(scale=s, layers=layers, head=cast(lora["head"]))
+
+
+def ttt_bucket(n: int, length: int) -> int:
+    """Window lengths are padded to length/8, /4, /2 or length (at least 128): four compiled
+    shapes, and short documents do not pay for 2048-token rows."""
+    return min(b for b in {max(min(length, 128), length >> k) for k in range(4)} if b >= n)
+
+
+def chunk_plan(docs, starts, ends, c: int, h: Hyperparameters) -> dict:
+    """Chunk c of every row: targets [cs, ce), window [ws, ce); `step` = the doc has more chunks."""
+    s = np.where(docs >= 0, starts[np.maximum(docs, 0)], 0)
+    e = np.where(docs >= 0, ends[np.maximum(docs, 0)], 0)
+    cs = s + c * h.ttt_chunk_size
+    live = cs < e
+    ce = np.where(live, np.minimum(cs + h.ttt_chunk_size, e), 0)
+    ws = np.where(live, np.maximum(s, ce - h.ttt_eval_seq_len), 0)
+    return dict(doc=docs, s=s, ws=ws, cs=np.where(live, cs, 0), ce=ce, live=live, step=live & (ce < e))
+
+
+def ttt_chunk(model, lora, opt, vd: ValData, p: dict, h, led, score_after_update=False):
+    """Score the chunk's targets with the current adapters, THEN one AdamW step on the sum over
+    documents of their mean chunk loss (documents with later chunks only)."""
+    L = ttt_bucket(int((p["ce"] - p["ws"]).max()), h.ttt_eval_seq_len)
+    x, y, idx, scored = window_rows(vd.tokens, p["ws"], p["ce"], p["cs"], h.ttt_batch_size, L)
+    nll = model(x, y, lora_view(lora, model.compute_dtype))
+    score_rows = np.stack([p["doc"], p["cs"], p["ce"]], 1)[p["live"]]
+    if not score_after_update:
+        sums = account(led, vd.target_bytes, nll, idx, scored, score_rows)
+    if p["step"].any():
+        w = to_device(p["step"].astype(np.float32), nll.device)
+        ((nll * scored).sum(1) / scored.sum(1).clamp_min(1) * w).sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        led.record("update", np.stack([p["doc"], p["s"], p["ce"]], 1)[p["step"]])
+    if score_after_update:  # TEST ONLY (tools/legality.py --variant score-after-update): illegal
+        with torch.no_grad():
+            nll = model(x, y, lora_view(lora, model.compute_dtype))
+        sums = account(led, vd.target_bytes, nll, idx, scored, score_rows)
+    return sums
+
+
+def ttt_batch(model, lora, docs, starts, ends, vd, h, led, score_after_update=False):
+    """One batch: fresh optimizer state (B was zeroed by the caller), chunks in order."""
+    params = [t for ab in lora_pairs(lora) for t in ab]
+    opt = torch.optim.AdamW(params, lr=h.ttt_lora_lr, betas=(h.ttt_beta1, h.ttt_beta2),
+                            eps=1e-10, weight_decay=h.ttt_weight_decay, fused=vd.tokens.is_cuda)
+    docs = np.pad(docs, (0, h.ttt_batch_size - docs.size), constant_values=-1)
+    sums = torch.zeros(3, dtype=torch.float64, device=vd.tokens.device)
+    for c in range(chunks_of(docs, starts, ends, h)):
+        sums += ttt_chunk(model, lora, opt, vd, chunk_plan(docs, starts, ends, c, h), h, led,
+                          score_after_update)
+    return sums
+
+
+def chunks_of(docs, starts, ends, h) -> int:
+    real = docs[docs >= 0]
+    return -(-int((ends[real] - starts[real]).max()) // h.ttt_chunk_size)
+
+
+class EvalBudget:
+    """The timed TTT eval must end within EVAL_BUDGET_SECONDS. Scoring cannot be cut (C4), so
+    global SGD is skipped or stopped when elapsed + projected remaining scoring would overrun.
+    Decisions take the MAX over ranks, so every rank agrees."""
+
+    def __init__(self, seconds: float, device):
+        self.seconds, self.device, self.t0, self.reserve = seconds, device, time.perf_counter(), 0.0
+
+    def elapsed(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - self.t0
+
+    def fits(self) -> bool:
+        t = torch.tensor([self.elapsed() + self.reserve], device=self.device)
+        return all_reduce(t, dist.ReduceOp.MAX).item() < self.seconds
+
+
+@dataclass
+class Progress:
+    """One rank's TTT state: score sums, scored docs as (batch, position, doc), chunk steps done
+    and left, and seconds spent scoring and in global SGD."""
+    acc: torch.Tensor
+    steps_left: int
+    done: list = field(default_factory=list)
+    batches: int = 0
+    steps_done: int = 0
+    scoring_s: float = 0.0
+    sgd_s: float = 0.0
+
+    def add_batch(self, b: int, docs, sums, steps: int):
+        self.acc += sums
+        self.done += [(b, i, int(doc)) for i, doc in enumerate(docs)]
+        self.batches, self.steps_done, self.steps_left = self.batches + 1, self.steps_done + steps, self.steps_left - steps
+
+    def projected_s(self) -> float:  # conservative: later batches use shorter windows
+        return self.scoring_s / max(self.steps_done, 1) * self.steps_left
+
+
+def scored_prefix(done: list, bound: int, d: Dist) -> np.ndarray:
+    """Ids of the first `bound` docs in scoring order (batch, position), gathered from all ranks."""
+    rows = torch.tensor(done, dtype=torch.long).reshape(-1, 3).to(d.device)
+    if d.world_size > 1:
+        n = int(all_reduce(torch.tensor([len(rows)], device=d.device), dist.ReduceOp.MAX).item())
+        padded = torch.cat([rows, rows.new_full((n - len(rows), 3), -1)])
+        parts = [torch.empty_like(padded) for _ in range(d.world_size)]
+        dist.all_gather(parts, padded)
+        rows = torch.cat(parts)
+        rows = rows[rows[:, 0] >= 0]
+    rows = rows.cpu().numpy()
+    return rows[np.lexsort((rows[:, 1], rows[:, 0]))[:bound], 2]
+
+
+def stream_step(model: GPT, stream, lo: int, hi: int, h, d: Dist, opt, lr: float):
+    """One optimizer step on the targets of stream[lo:hi] (inputs; targets shifted by one). Rows
+    of TTT_EVAL_SEQ_LEN are dealt round-robin to ranks in micro-batches of a fixed shape; the loss
+    is the mean over the chunk, so summed gradients give the same step for any world size."""
+    L = h.ttt_eval_seq_len
+    per_chunk = -(-h.global_ttt_chunk_tokens // L)
+    mb = -(-min(h.global_ttt_batch_seqs, per_chunk) // d.world_size)
+    mine = np.arange(lo, hi, L)[d.rank::d.world_size]
+    for i in range(0, mine.size, mb):
+        ws = mine[i:i + mb]
+        x, y, _, m = window_rows(stream, ws, np.minimum(ws + L, hi), ws, mb, L)
+        ((model(x, y) * m).sum() / (hi - lo)).backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if d.world_size > 1:
+        flat = all_reduce(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                                     for p in params]))
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            p.grad = g.view_as(p)
+    torch.nn.utils.clip_grad_norm_(params, h.global_ttt_grad_clip)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def global_sgd(model: GPT, stream, h: Hyperparameters, d: Dist, budget, log, tag: str) -> int:
+    """SGD with momentum on every base weight over `stream` (the prefix docs' tokens, in scoring
+    order): one step per GLOBAL_TTT_CHUNK_TOKENS chunk, the last chunk skipped, LR cosine over
+    chunks. The forward is GPT.forward, documents kept apart by its BOS masking."""
+    ct = h.global_ttt_chunk_tokens
+    n_chunks = -(-(stream.numel() - 1) // ct)
+    opt = torch.optim.SGD(model.parameters(), lr=h.global_ttt_lr, momentum=h.global_ttt_momentum)
+    model.requires_grad_(True)
+    steps = 0
+    for k in range(h.global_ttt_epochs * (n_chunks - 1)):
+        c = k % (n_chunks - 1)
+        if budget is not None and not budget.fits():
+            log(f"{tag}: stopped after {steps} of {h.global_ttt_epochs * (n_chunks - 1)} steps "
+                f"(EVAL_BUDGET_SECONDS={h.eval_budget_seconds:g} would be exceeded)")
+            break
+        lr = h.global_ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (n_chunks - 1)))
+        stream_step(model, stream, c * ct, (c + 1) * ct, h, d, opt, lr)
+        steps += 1
+    model.requires_grad_(False)
+    return steps
+
+
+def ttt_pause(model, val, starts, ends, bound, phase, prog: Progress, h, d, led, log, budget):
+    """Phase pause: align clocks, take the first `bound` scored docs, global SGD on them."""
+    led.sync()
+    budget.reserve = prog.projected_s()
+    t0 = budget.elapsed()
+    prefix = scored_prefix(prog.done, bound, d)
+    if not budget.fits():
+        log(f"ttpp: phase:{phase + 1} skipped (budget: projected scoring {budget.reserve:.0f}s left)")
+        return
+    led.record("update", np.stack([prefix, starts[prefix], ends[prefix]], 1))
+    n = val.num_targets  # the stream's last doc keeps its final token
+    stream = torch.cat([val.tokens[starts[k]:ends[k] + (ends[k] == n)] for k in prefix]).to(d.device)
+    steps = global_sgd(model, stream, h, d, budget, log, f"tttg phase:{phase + 1}")
+    prog.sgd_s += budget.elapsed() - t0
+    led.seconds[f"ttt_phase{phase + 1}_global_sgd"] = budget.elapsed() - t0
+    log(f"ttpp: phase:{phase + 1} docs:{prefix.size} tokens:{stream.numel()} sgd_steps:{steps} "
+        f"t:{budget.elapsed():.1f}s")
+
+
+def ttt_eval(model: GPT, val: ValData, h: Hyperparameters, d: Dist, led: ScoreLedger, log,
+             score_after_update: bool = False) -> Score:
+    """Phased LoRA TTT: the score of the record. A is redrawn at each phase start (and each batch
+    without TTT_WARM_START_A) from a seed of the phase (batch), so ranks draw the same A."""
+    starts, ends = find_docs(val.tokens, val.bos_id)
+    queue, vd = ttt_queue(ends - starts, h.ttt_batch_size), on_device(val, d.device)
+    cuts, budget = phase_cuts(queue, h), EvalBudget(h.eval_budget_seconds, d.device)
+    log(f"ttt_phased: docs:{starts.size} batches:{len(queue)} boundaries:{[b for _, b in cuts]} "
+        f"pause_after_batch:{[c for c, _ in cuts]} world_size:{d.world_size}")
+    model.requires_grad_(False)
+    lora, begin = new_lora(model, h, h.ttt_batch_size, d.device), 0
+    steps = [chunks_of(b, starts, ends, h) for b in queue]
+    prog = Progress(torch.zeros(3, dtype=torch.float64, device=d.device), sum(steps[d.rank::d.world_size]))
+    for phase, (cut, bound) in enumerate(cuts + [(len(queue), None)]):
+        reset_lora(lora, h.seed * 1000 + phase)
+        t0 = budget.elapsed()
+        for b in range(begin + d.rank, cut, d.world_size):
+            reset_lora(lora, None if h.ttt_warm_start_a else h.seed * 1000003 + b)
+            sums = ttt_batch(model, lora, queue[b], starts, ends, vd, h, led, score_after_update)
+            prog.add_batch(b, queue[b], sums, steps[b])
+            if prog.batches % max(1, len(queue) // (20 * d.world_size)) == 0:
+                log_ttt_batch(log, b, len(queue), prog, budget, ends[queue[b]] - starts[queue[b]])
+        prog.scoring_s += budget.elapsed() - t0
+        if bound is not None:
+            ttt_pause(model, val, starts, ends, bound, phase, prog, h, d, led, log, budget)
+        begin = cut
+    led.seconds["ttt_lora_scoring"] = prog.scoring_s
+    log(f"ttt timer: {budget.elapsed():.1f}s (rank 0: LoRA scoring {prog.scoring_s:.1f}s, "
+        f"global SGD {prog.sgd_s:.1f}s)")
+    return reduce_score(*prog.acc)
+
+
+def log_ttt_batch(log, b: int, n: int, prog: Progress, budget: EvalBudget, lens):
+    s = Score(*prog.acc.tolist())  # this rank's running sums
+    log(f"ttp: b{b + 1}/{n} dl:{lens.min()}-{lens.max()} rl:{s.loss:.4f} rb:{s.bpb:.4f} "
+        f"t:{budget.elapsed():.1f}s")
+
+
+# Compile warmup, research mode, and the entry points main() calls.
+
+
+def synthetic_val(h: Hyperparameters, bos_id: int, n_docs: int, doc_len: int, seed=1234) -> ValData:
+    """Random tokens (never val data) with a BOS every `doc_len` tokens, one byte per target."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, h.vocab_size - 1, (n_docs * doc_len + 1,), generator=g)
+    t += (t >= bos_id).long()
+    t[::doc_len] = bos_id
+    return ValData(t, torch.ones(t.numel() - 1, dtype=torch.long), bos_id)
+
+
+def eval_warmup(model: GPT, h: Hyperparameters, d: Dist, bos_id: int):
+    """Compile every eval graph (diagnostic, sliding, LoRA fwd+bwd at each length bucket, global
+    SGD) on random tokens, then restore the weights. LoRA TTT runs as world size 1 on every rank
+    so that each rank compiles it; the rest runs on all ranks with their real shapes."""
+    initial = copy.deepcopy(model.state_dict())
+    fake = synthetic_val(h, bos_id, h.ttt_batch_size, h.ttt_eval_seq_len + h.ttt_chunk_size + 1)
+    quiet, led = lambda *a, **k: None, ScoreLedger(fake.num_targets, d.device)
+    solo = Dist(0, 1, d.local_rank, d.device)  # collectives still run, identically on all ranks
+    with torch.no_grad():
+        eval_val(model, fake, solo, h.slot_tokens)
+    if h.sliding_enabled:
+        eval_sliding(model, fake, h, solo, led, quiet)
+    if h.ttt_enabled:
+        ttt_eval(model, fake, dataclasses.replace(h, phased_ttt_num_phases=0), solo, led, quiet)
+        stream = synthetic_val(h, bos_id, 4, h.global_ttt_chunk_tokens // 2 + 1).tokens
+        global_sgd(model, stream.to(d.device), h, d, None, quiet, "warmup")
+    model.load_state_dict(initial)
+
+
+def prequant_ttt(model: GPT, val: ValData, h: Hyperparameters, d: Dist, log):
+    """ILLEGAL research mode (PR #1376 ... #1735/#1738): AdamW on every weight over the val tokens
+    for PREQUANT_TTT_EPOCHS epochs (LR cosine over epochs), before quantization and scoring. All
+    later scores come from a model trained on their targets: C3 fails, and final_evaluation
+    stamps legality "C3: ..." and mode "prequant_ttt"."""
+    log("!" * 100 + "\n!!! NON-COMPLIANT: PREQUANT_TTT_EPOCHS>0 trains on val before scoring "
+        "(C3). Research only, never a record.\n" + "!" * 100)
+    stream, ct = val.tokens.to(d.device), h.global_ttt_chunk_tokens
+    opt = torch.optim.AdamW(model.parameters(), lr=h.prequant_ttt_lr, weight_decay=0.0)
+    model.requires_grad_(True)
+    for ep in range(h.prequant_ttt_epochs):
+        lr = h.prequant_ttt_lr * 0.5 * (1 + math.cos(math.pi * ep / h.prequant_ttt_epochs))
+        for lo in range(0, val.num_targets, ct):
+            stream_step(model, stream, lo, min(lo + ct, val.num_targets), h, d, opt, lr)
+        log(f"prequant_ttt: epoch {ep + 1}/{h.prequant_ttt_epochs} lr {lr:.2e}")
+
+
+def scored_eval(name: str, fn, model, val, h, d, log, ledger, starts, ends):
+    """Run one full eval with its own legality ledger; returns (Score, verdict)."""
+    led = ScoreLedger(val.num_targets, d.device)
+    if h.prequant_ttt_epochs:
+        mark_prequant(led, starts, ends)
+    with ledger.phase(name):
+        score = fn(model, val, h, d, led, log)
+    ledger.seconds.update(led.seconds)  # sub-phases of `name` (already inside its time)
+    checks = check_ledger(led, starts)
+    log(f"{name} val_loss: {score.loss:.6f} val_bpb: {score.bpb:.6f} tokens {score.tokens} "
+        f"bytes {score.bytes} of {val.num_targets} targets ({ledger.seconds[name]:.1f}s) "
+        f"C3:{'ok' if checks['C3'] else 'FAIL'} C4:{'ok' if checks['C4'] else 'FAIL'}")
+    return score, verdict(checks, h, val.num_targets)
+
+
+def final_evaluation(model: GPT, val: ValData, h: Hyperparameters, d: Dist, log, ledger) -> dict:
+    """Everything after training, on the model to score: compile warmup (random tokens), the
+    non-overlapping diagnostic, sliding windows and phased LoRA TTT, each with its C3/C4 ledger.
+    val_bpb is TTT's score, else sliding's, else the diagnostic's: a fixed precedence, never a
+    minimum over evals (that would be multi-pass selection, C4). Time the artifact load as
+    ledger phase "load"; it counts in eval_strict_s."""
+    t0 = time.perf_counter()
+    model.looping = h.num_loops > 0  # the scored model always runs its loop, as in the records
+    model.requires_grad_(False)
+    with ledger.phase("eval_warmup"):
+        eval_warmup(model, h, d, val.bos_id)
+    log(f"eval_warmup: {ledger.seconds['eval_warmup']:.1f}s (random tokens, no val data)")
+    with ledger.phase("eval_diagnostic"):
+        score = eval_val(model, val, d, h.slot_tokens)
+    log(f"eval_diagnostic val_loss: {score.loss:.6f} val_bpb: {score.bpb:.6f} tokens {score.tokens}")
+    starts, ends = find_docs(val.tokens, val.bos_id)
+    out, name, legal = dict(val_bpb_diagnostic=score.bpb, val_bpb_sliding=None), "eval_diagnostic", []
+    for key, on, fn in (("eval_sliding", h.sliding_enabled, eval_sliding), ("eval_ttt", h.ttt_enabled, ttt_eval)):
+        if on:
+            score, v = scored_eval(key, fn, model, val, h, d, log, ledger, starts, ends)
+            name, legal = key, legal + [v]
+            out["val_bpb_sliding" if key == "eval_sliding" else "val_bpb_ttt"] = score.bpb
+    return summarize(out, score, name, legal, h, log, ledger, time.perf_counter() - t0)
+
+
+def summarize(out, score, name, legal, h, log, ledger, wall_s) -> dict:
+    legality = next((v for v in legal if v != "compliant"), "compliant")
+    strict = ledger.seconds.get("load", 0.0) + wall_s
+    if legality != "compliant":
+        log("!" * 100 + f"\n!!! NON-COMPLIANT evaluation: {legality}\n" + "!" * 100)
+    log(f"eval timing: scoring only ({name}) {ledger.seconds[name]:.1f}s, strict total "
+        f"{strict:.1f}s (" + ", ".join(f"{k} {v:.1f}s" for k, v in ledger.seconds.items()) + ")")
+    out.update(val_bpb=score.bpb, val_loss=score.loss, scored_by=name, tokens_scored=score.tokens,
+               bytes_scored=score.bytes, eval_time_s=ledger.seconds[name], eval_strict_s=strict,
+               legality=legality, timings={k: round(v, 2) for k, v in ledger.seconds.items()})
+    if h.prequant_ttt_epochs:
+        out["mode"] = "prequant_ttt"
+    return out
+
+
+def run_eval_only(h: Hyperparameters, d: Dist, bos_id: int, val: ValData, backend: str, log, ledger):
+    """EVAL_ONLY=path: no training; load the artifact and score it (mode "eval_only")."""
+    with ledger.phase("load"):
+        model = load_artifact(h.eval_only, h, d, bos_id, backend)
+    log(f"eval_only: loaded {h.eval_only} in {ledger.seconds['load']:.1f}s")
+    final = dict(run_id=h.run_id, seed=h.seed, mode="eval_only", config_hash=h.config_hash(),
+                 world_size=d.world_size, artifact=h.eval_only,
+                 source_sha256=hashlib.sha256(source_text().encode()).hexdigest())
+    final.update(final_evaluation(model, val, h, d, log, ledger))
+    final["mode"] = "eval_only"
+    log("final_json " + json.dumps(final))
+    return final
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1679,6 +2265,11 @@ def main():
     spec, d, log, ledger, val, backend = setup(h)
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
+    if h.eval_only:  # EVAL_ONLY=path: no training; score a saved artifact (mode "eval_only")
+        run_eval_only(h, d, spec.bos_id, val, backend, log, ledger)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return
     model = GPT(h, spec.bos_id, backend).to(d.device)
     log(f"model_params: {sum(p.numel() for p in model.parameters())}")
     if d.device.type == "cuda":
@@ -1687,24 +2278,24 @@ def main():
         compile_warmup(model, h, d, h.slot_tokens)
     log(f"compile_warmup: {ledger.seconds['compile_warmup']:.1f}s (synthetic tokens, untimed)")
     stats = train(model, h, d, spec, val, log)
+    if h.prequant_ttt_epochs:  # ILLEGAL research mode (C3): stamped in final_json
+        with ledger.phase("prequant_ttt"):
+            prequant_ttt(model, val, h, d, log)
     if d.device.type == "cuda":
         stats["peak_mem_mib"] = torch.cuda.max_memory_allocated(d.device) // 2**20
     path, qstats = quantize_stage(model, spec, h, d, log, ledger, stats)
     prequant = logged_eval("eval_prequant", model, val, h, d, log, ledger)
     acc = artifact_accounting(path, h, log)
-    with ledger.phase("load_artifact"):
+    with ledger.phase("load"):
         qmodel = load_artifact(path, h, d, spec.bos_id, backend)
         qmodel.looping = model.looping
-        if d.device.type == "cuda":
-            compile_model(qmodel)
     del model
-    quant = logged_eval("eval_quant", qmodel, val, h, d, log, ledger)
     final = dict(run_id=h.run_id, seed=h.seed, mode="smoke" if h.smoke else "record",
-                 legality="compliant", config_hash=h.config_hash(), world_size=d.world_size,
-                 val_bpb=quant.bpb, val_loss=quant.loss, val_bpb_prequant=prequant.bpb,
-                 val_bpb_quant=quant.bpb, tokens_scored=quant.tokens, bytes_scored=quant.bytes,
+                 config_hash=h.config_hash(), world_size=d.world_size, val_bpb_prequant=prequant.bpb,
                  source_sha256=hashlib.sha256(source_text().encode()).hexdigest(),
-                 **stats, **qstats, **acc, timings={k: round(v, 2) for k, v in ledger.seconds.items()})
+                 **stats, **qstats, **acc)
+    final.update(final_evaluation(qmodel, val, h, d, log, ledger))  # the score: diagnostic/sliding/TTT
+    final["val_bpb_quant"] = final["val_bpb_diagnostic"]
     if acc["artifact_bytes"] > ARTIFACT_CAP:
         final["legality"] = f"artifact {acc['artifact_bytes']} B over the {ARTIFACT_CAP} B cap"
     log("final_json " + json.dumps(final))

@@ -1,0 +1,298 @@
+"""Evaluation of train_gpt.py on CPU: the legality self-test and its negative controls, coverage of
+every eval, the LoRA path against a plain doc-isolated eval, the ledger checker, EVAL_ONLY, the
+pre-quant research stamp, and TTT over 2 gloo ranks against 1."""
+import json
+import math
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import legality
+import train_gpt as tg
+
+CPU = legality.CPU
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny CPU ops: extra threads only add overhead (and crawl on a shared machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def quiet(*a, **k):
+    pass
+
+
+def tiny(**over):
+    return legality.tiny_config(**over)
+
+
+# ---- legality self-test ----------------------------------------------------------------------
+
+
+def test_legality_selftest_passes(capsys):
+    assert legality.main([]) == 0
+    assert "ALL PASS" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("variant", ["leaky-smear", "score-after-update", "prequant-ttt"])
+def test_legality_selftest_catches_each_variant(variant, capsys):
+    assert legality.main(["--variant", variant]) == 1
+    out = capsys.readouterr().out
+    assert "negative control works" in out, out
+    assert f"FAIL: " in out and legality.VARIANTS[variant] in out.split("FAIL: ")[-1]
+
+
+# ---- coverage: every target exactly once -------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 3000), st.integers(2, 300), st.data())
+def test_sliding_windows_tile_the_stream(n, length, data):
+    stride = data.draw(st.integers(1, length - 1))
+    ends, firsts = tg.sliding_windows(n, length, stride)
+    covered = np.zeros(n, int)
+    for e, f in zip(ends, firsts):
+        covered[f:e] += 1
+        assert e - length <= f or e <= length  # scored targets see >= length - stride context
+        assert e - f <= (length if f == 0 else stride)
+    assert (covered == 1).all()
+
+
+def test_sliding_and_nonoverlapping_score_every_target_once():
+    h, val = tiny(), legality.synthetic_val()
+    model = legality.random_model(h)
+    led = tg.ScoreLedger(val.num_targets, CPU.device)
+    sliding = tg.eval_sliding(model, val, h, CPU, led, quiet)
+    checks = tg.check_ledger(led, tg.find_docs(val.tokens, 1)[0])
+    plain = tg.eval_val(model, val, CPU, 64)
+    for s in (sliding, plain):
+        assert s.tokens == val.num_targets and s.bytes == int(val.target_bytes.sum())
+        assert math.isfinite(s.bpb) and s.bpb > 0
+    assert checks["C4"] and checks["scored"] == val.num_targets
+
+
+def test_docs_tile_the_targets():
+    val = legality.synthetic_val()
+    starts, ends = tg.find_docs(val.tokens, 1)
+    assert starts[0] == 0 and ends[-1] == val.num_targets and (starts[1:] == ends[:-1]).all()
+    assert (val.tokens[torch.from_numpy(ends[:-1])] == 1).all()  # a doc's last target: next BOS
+    no_bos_start = tg.find_docs(val.tokens[5:], 1)[0]
+    assert no_bos_start[0] == 0  # a leading BOS-less span is a document too
+
+
+def test_queue_and_phase_cuts():
+    lengths = np.array([5, 50, 20, 70, 10, 60, 30, 40, 80])
+    queue = tg.ttt_queue(lengths, 4)  # cut short-first, so the partial batch holds the longest
+    assert [b.tolist() for b in queue] == [[8], [7, 1, 5, 3], [0, 4, 2, 6]]
+    cuts = lambda p, k: tg.phase_cuts(queue, tiny(PHASED_TTT_PREFIX_DOCS=p, PHASED_TTT_NUM_PHASES=k))
+    assert cuts(4, 2) == [(2, 2), (2, 4)]  # 1 + 4 docs scored covers both boundaries
+    assert cuts(6, 2) == [(2, 3)]  # boundary 6 falls in the last batch: nothing left to help
+    assert cuts(6, 0) == [] and cuts(0, 3) == []
+
+
+# ---- the LoRA path --------------------------------------------------------------------------------
+
+
+def plain_doc_eval(model, val, h) -> float:
+    """Reference: each chunk of each doc scored with the same context window, no adapters."""
+    starts, ends = tg.find_docs(val.tokens, 1)
+    total = 0.0
+    for s, e in zip(starts, ends):
+        for cs in range(s, e, h.ttt_chunk_size):
+            ce = min(cs + h.ttt_chunk_size, e)
+            ws = max(s, ce - h.ttt_eval_seq_len)
+            with torch.no_grad():
+                nll = model(val.tokens[None, ws:ce], val.tokens[None, ws + 1:ce + 1])
+            total += nll[0, cs - ws:].double().sum().item()
+    return total
+
+
+def test_ttt_bucket():
+    assert [tg.ttt_bucket(n, 2048) for n in (1, 256, 257, 600, 1500, 2048)] == \
+        [256, 256, 512, 1024, 2048, 2048]
+    assert [tg.ttt_bucket(n, 256) for n in (1, 128, 129)] == [128, 128, 256]
+    assert tg.ttt_bucket(5, 32) == 32
+
+
+def test_ttt_with_zero_lr_equals_plain_doc_eval():
+    """B = 0 and no step means zero delta: the TTT machinery (windows, padding, two length
+    buckets, phases, masks, sums) must reproduce the plain doc-isolated eval."""
+    over = dict(TRAIN_SEQ_LEN=256, TTT_EVAL_SEQ_LEN=256, TTT_CHUNK_SIZE=32)
+    h, val = tiny(TTT_LORA_LR=0, GLOBAL_TTT_LR=0, **over), legality.synthetic_val((300, 40, 90, 12, 130, 60))
+    model = legality.random_model(h)
+    score = tg.ttt_eval(model, val, h, CPU, tg.ScoreLedger(val.num_targets, CPU.device), quiet)
+    assert score.tokens == val.num_targets
+    assert score.nll == pytest.approx(plain_doc_eval(model, val, h), rel=1e-6)
+    trained = tg.ttt_eval(legality.random_model(h), val, tiny(**over), CPU,
+                          tg.ScoreLedger(val.num_targets, CPU.device), quiet)
+    assert trained.nll != pytest.approx(score.nll, rel=1e-6)  # and with lr > 0 it does adapt
+
+
+def test_lora_is_one_adapter_per_row_and_zero_b_is_identity():
+    h = tiny()
+    model, val = legality.random_model(h), legality.synthetic_val()
+    lora = tg.new_lora(model, h, 2, CPU.device)
+    tg.reset_lora(lora, 0)
+    x, y = val.tokens[None, :64].repeat(2, 1), val.tokens[None, 1:65].repeat(2, 1)
+    base = model(x, y)
+    assert torch.equal(model(x, y, tg.lora_view(lora, torch.float32)), base)
+    with torch.no_grad():
+        lora["head"][1][1].normal_()  # only row 1's head adapter
+    out = model(x, y, tg.lora_view(lora, torch.float32))
+    assert torch.equal(out[0], base[0]) and not torch.equal(out[1], base[1])
+
+
+# ---- ledger ------------------------------------------------------------------------------------
+
+
+def ledger_verdict(events, n=20, starts=(0, 8)):
+    led = tg.ScoreLedger(n, CPU.device)
+    for kind, rows in events:
+        led.record(kind, rows)
+    return tg.check_ledger(led, np.array(starts))
+
+
+def test_ledger_checker():
+    ok = ledger_verdict([("score", [(0, 0, 4)]), ("update", [(0, 0, 4)]), ("score", [(0, 4, 8)]),
+                         ("score", [(1, 8, 20)]), ("update", [(0, 0, 8), (1, 8, 12)])])
+    assert ok["C3"] and ok["C4"] and ok["scored"] == 20
+    early = ledger_verdict([("score", [(0, 0, 4)]), ("update", [(0, 0, 6)]),  # 4, 5 unscored
+                            ("score", [(0, 4, 8), (1, 8, 20)])])
+    assert not early["C3"] and early["late_updates"] == 1 and early["C4"]
+    other_doc = ledger_verdict([("score", [(1, 8, 12)]), ("update", [(1, 8, 12)]),
+                                ("score", [(0, 0, 8), (1, 12, 20)])])
+    assert other_doc["C3"]  # doc 1 may train before doc 0 is scored: docs are independent
+    twice = ledger_verdict([("score", [(0, 0, 8), (1, 8, 20)]), ("score", [(1, 10, 11)])])
+    missing = ledger_verdict([("score", [(0, 0, 8), (1, 8, 19)])])
+    assert not twice["C4"] and not missing["C4"] and twice["C3"]
+    assert tg.verdict(early, tiny(), 20).startswith("C3")
+    assert tg.verdict(missing, tiny(), 20).startswith("C4")
+    assert tg.verdict(ok, tiny(PREQUANT_TTT_EPOCHS=1), 20) == "compliant"
+
+
+# ---- entry points -------------------------------------------------------------------------------
+
+
+def test_final_evaluation_stamps_prequant_ttt():
+    h, val = tiny(PREQUANT_TTT_EPOCHS=1, SLIDING_ENABLED=0), legality.synthetic_val()
+    model, ledger = legality.random_model(h), tg.Ledger(CPU.device)
+    tg.prequant_ttt(model, val, h, CPU, quiet)
+    out = tg.final_evaluation(model, val, h, CPU, quiet, ledger)
+    assert out["legality"] == "C3: pre-quant TTT trained on val before scoring"
+    assert out["mode"] == "prequant_ttt" and out["scored_by"] == "eval_ttt"
+    assert out["tokens_scored"] == val.num_targets and out["val_bpb_sliding"] is None
+    assert out["eval_strict_s"] >= out["eval_time_s"] > 0
+
+
+def write_shard(path, tokens):
+    header = np.zeros(tg.HEADER_INTS, "<i4")
+    header[:3] = tg.SHARD_MAGIC, tg.SHARD_VERSION, len(tokens)
+    with open(path, "wb") as f:
+        f.write(header.tobytes() + np.asarray(tokens, "<u2").tobytes())
+
+
+def fake_data_dir(root, val: tg.ValData):
+    """Shards, a byte sidecar and a manifest: what load_data_spec checks, nothing more."""
+    os.makedirs(root)
+    tok = os.path.join(root, "tok.model")
+    open(tok, "wb").write(b"not a real tokenizer: sidecar data never loads it")
+    write_shard(os.path.join(root, "fineweb_train_000000.bin"), val.tokens.numpy())
+    write_shard(os.path.join(root, "fineweb_val_000000.bin"), val.tokens.numpy())
+    write_shard(os.path.join(root, "fineweb_val_bytes_000000.bin"), [0] + val.target_bytes.tolist())
+    manifest = dict(variant="test", byte_source="sidecar",
+                    tokenizer=dict(sha256=tg.sha256_file(tok), vocab_size=legality.VOCAB, bos_id=1),
+                    val=dict(tokens=val.tokens.numel(), shards=[dict(name="fineweb_val_000000.bin")],
+                             byte_shards=[dict(name="fineweb_val_bytes_000000.bin")]))
+    json.dump(manifest, open(os.path.join(root, "manifest.json"), "w"))
+    return tok
+
+
+def test_eval_only_scores_a_saved_artifact(tmp_path, monkeypatch):
+    h, val = tiny(), legality.synthetic_val()
+    model = legality.random_model(h)
+    sd = {k: v.detach().float() for k, v in model.state_dict().items()}
+    qstate, _ = tg.quantize_state_dict(sd, {}, h, log=lambda *a: None)  # no Hessians: rounding
+    (tmp_path / "model.pt").write_bytes(tg.serialize(qstate, h))
+    model.load_state_dict(tg.dequantize_state_dict(qstate))  # what the artifact encodes
+    tok = fake_data_dir(str(tmp_path / "data"), val)
+    env = {k: str(v) for k, v in legality.TINY.items()}
+    env.update(DATA_PATH=str(tmp_path / "data"), TOKENIZER_PATH=tok, RUN_ID="evalonly",
+               EVAL_ONLY=str(tmp_path / "model.pt"))
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(tmp_path)
+    tg.main()
+    line = [s for s in open(tmp_path / "logs/evalonly.txt") if s.startswith("final_json ")][-1]
+    final = json.loads(line[len("final_json "):])
+    assert final["mode"] == "eval_only" and final["legality"] == "compliant"
+    assert final["tokens_scored"] == val.num_targets and final["scored_by"] == "eval_ttt"
+    plain = tg.eval_val(model, val, CPU, h.slot_tokens)  # the loaded weights are the saved ones
+    assert final["val_bpb_diagnostic"] == pytest.approx(plain.bpb, rel=1e-6)
+    assert {"load", "eval_warmup", "eval_sliding", "eval_ttt"} <= set(final["timings"])
+
+
+def test_config_fields_and_old_names():
+    h = tg.load_config({})
+    assert (h.ttt_lora_rank, h.ttt_lora_alpha, h.ttt_chunk_size, h.ttt_batch_size) == (80, 144.0, 48, 64)
+    assert (h.ttt_beta2, h.ttt_weight_decay, h.phased_ttt_prefix_docs, h.phased_ttt_num_phases) == \
+        (0.99, 0.5, 2500, 3)
+    assert (h.global_ttt_lr, h.global_ttt_chunk_tokens, h.eval_stride, h.prequant_ttt_epochs) == \
+        (0.001, 32768, 64, 0)
+    for old, new in (("SLIDING_WINDOW_ENABLED", "SLIDING_ENABLED"), ("TTT_EVAL_ONLY", "EVAL_ONLY"),
+                     ("TTT_K_LORA", "always on"), ("PREQUANT_TTT_FREEZE_BLOCKS", "unknown")):
+        with pytest.raises(ValueError, match=new):
+            tg.load_config({old: "1"})
+    with pytest.raises(ValueError, match="EVAL_ONLY"):
+        tg.load_config({"EVAL_ONLY": "x.pt", "PREQUANT_TTT_EPOCHS": "1"})
+
+
+# ---- two gloo ranks --------------------------------------------------------------------------
+
+
+def rank_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    result = ttt_once(tg.Dist(rank, world, 0, torch.device("cpu")))
+    json.dump(result, open(os.path.join(out_dir, f"rank{rank}.json"), "w"))
+    dist.destroy_process_group()
+
+
+def ttt_once(d):
+    """Phased TTT with A redrawn per batch (warm-started A depends on which rank ran the
+    previous batch, as in the records); returns the global score and this rank's share. The LoRA
+    LR is a sane one: the tool's 0.05 makes Adam chaotic enough to blow the float-level
+    differences of a 2-rank gradient sum up to visible ones."""
+    h, val = tiny(TTT_WARM_START_A=0, TTT_LORA_LR=0.002, TTT_BATCH_SIZE=2), legality.synthetic_val()
+    led = tg.ScoreLedger(val.num_targets, d.device)
+    score = tg.ttt_eval(legality.random_model(h), val, h, d, led, quiet)
+    checks = tg.check_ledger(led, tg.find_docs(val.tokens, 1)[0])
+    mine = sum(int((r[:, 2] - r[:, 1]).sum()) for k, _, r in led.events if k == "score")
+    return dict(nll=score.nll, tokens=score.tokens, mine=mine, C3=checks["C3"], C4=checks["C4"])
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_ranks_match_one(tmp_path):
+    one = ttt_once(CPU)
+    mp.spawn(rank_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    for r in ranks:
+        assert r["nll"] == pytest.approx(one["nll"], rel=1e-5) and r["tokens"] == one["tokens"]
+        assert r["C3"] and r["C4"] and 0 < r["mine"] < one["tokens"]  # the work was shared
+    assert sum(r["mine"] for r in ranks) == one["tokens"]

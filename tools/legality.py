@@ -1,0 +1,214 @@
+"""Legality self-test of train_gpt.py's evaluation (Issue #1017 conditions C1-C4), on CPU.
+
+    python tools/legality.py                               # exit 0 only if every check passes
+    python tools/legality.py --variant leaky-smear         # negative controls: each must fail
+    python tools/legality.py --variant score-after-update
+    python tools/legality.py --variant prequant-ttt
+
+A tiny model whose every parameter is random (so zero-initialized gates cannot hide a leak)
+scores synthetic documents through the real eval functions of train_gpt.py: eval_sliding and
+ttt_eval (LoRA adapters, SmearGate, length buckets, phased global SGD), with their ledgers.
+
+  C1 causal        Change token t. Every score fixed before t was revealed must not move: the
+                   targets scored at an earlier ledger clock, and those of the same scoring event
+                   that precede t in the stream. Checked in scoring order, so it covers the
+                   longest-first TTT queue and the phases.
+  C1 doc isolation Change a token of doc N: no target of any other document may move. This holds
+                   for sliding windows and for plain LoRA TTT (no phases, A redrawn per batch).
+                   It does NOT hold, legally, with phased global SGD (it trains the base model on
+                   already-scored docs, which then scores later batches) or with warm-started A
+                   (A carries over from already-scored docs in the same batch slot): both move
+                   information only from scored documents to documents scored later, which C1
+                   in scoring order allows and the C1 causal row checks.
+  C2 normalized    At sampled positions of every forward, the head (model.nll, the function
+                   GPT.forward calls) gives the NLL of every vocab id: logsumexp(-nll) must be 0,
+                   and the returned score must be the realized token's entry.
+  C3, C4           The ledger the pipeline wrote: each update only after the scores of the doc
+                   prefix it consumed; each target scored exactly once.
+
+Variants (test-only hooks that must make the tool fail): leaky-smear turns off SmearGate's BOS
+mask only (attention keeps its document mask); score-after-update takes each chunk's AdamW step
+before scoring it; prequant-ttt runs train_gpt.prequant_ttt (AdamW on val) before every eval.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train_gpt as tg  # noqa: E402
+
+BOS, VOCAB = 1, 64
+CPU = tg.Dist(0, 1, 0, torch.device("cpu"))
+TINY = dict(  # the SMOKE preset shrunk further; chunks, windows and phases all stay non-trivial
+    SMOKE="1", VOCAB_SIZE=VOCAB, NUM_LAYERS=4, MODEL_DIM=32, NUM_HEADS=2, NUM_KV_HEADS=1,
+    ROPE_DIMS=8, LOOP_START=1, LOOP_END=2, PARALLEL_START_LAYER=3, TRAIN_SEQ_LEN=64,
+    TRAIN_BATCH_TOKENS=8 * 128, VAL_BATCH_TOKENS=1024, EVAL_SEQ_LEN=32, EVAL_STRIDE=8,
+    TTT_EVAL_SEQ_LEN=32, TTT_CHUNK_SIZE=8, TTT_BATCH_SIZE=4, TTT_LORA_RANK=2,
+    TTT_LORA_LR=0.05, PHASED_TTT_PREFIX_DOCS=8, PHASED_TTT_NUM_PHASES=2,
+    GLOBAL_TTT_CHUNK_TOKENS=128, GLOBAL_TTT_BATCH_SEQS=4, GLOBAL_TTT_LR=0.05,
+    PREQUANT_TTT_EPOCHS=0, EVAL_BUDGET_SECONDS=1e9,
+)
+DOC_LENS = (90, 30, 60, 12, 80, 45, 20, 70, 8, 50, 85, 35)  # 3 batches of 4, 2 pauses
+VARIANTS = {"none": None, "leaky-smear": "C1", "score-after-update": "C3", "prequant-ttt": "C3"}
+PIPELINES = {  # name -> (eval, config overrides)
+    "sliding": ("sliding", {}),
+    "LoRA TTT, phased, warm A": ("ttt", {}),
+    "LoRA TTT, independent": ("ttt", dict(PHASED_TTT_NUM_PHASES=0, TTT_WARM_START_A=0)),
+}
+
+
+def tiny_config(**over) -> tg.Hyperparameters:
+    return tg.load_config({k: str(v) for k, v in {**TINY, **over}.items()})
+
+
+def random_model(h: tg.Hyperparameters, seed: int = 0) -> tg.GPT:
+    torch.manual_seed(seed)
+    model = tg.GPT(h, BOS, "sdpa")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    model.looping = h.num_loops > 0
+    return model
+
+
+def synthetic_val(lens=DOC_LENS, seed: int = 0) -> tg.ValData:
+    g = np.random.default_rng(seed)
+    toks = np.concatenate([np.concatenate([[BOS], g.integers(2, VOCAB, n - 1)]) for n in lens])
+    return tg.ValData(torch.from_numpy(toks).long(), torch.from_numpy(g.integers(1, 5, toks.size - 1)), BOS)
+
+
+class NormProbe:
+    """Wraps model.nll. At one position of every call it scores every vocab id through the same
+    function and keeps the worst |logsumexp(-nll)| and |score - nll[realized token]|."""
+
+    def __init__(self, fn):
+        self.fn, self.calls, self.worst = fn, 0, 0.0
+
+    def __call__(self, hidden, weight, targets, softcap, head_delta=None):
+        out = self.fn(hidden, weight, targets, softcap, head_delta)
+        self.calls += 1
+        with torch.no_grad():
+            b, t, V = self.calls % hidden.size(0), (7 * self.calls) % hidden.size(1), weight.size(0)
+            delta = None if head_delta is None else head_delta[b, t].expand(1, V, V)
+            every = self.fn(hidden[b, t].expand(1, V, -1), weight, torch.arange(V)[None], softcap, delta)[0]
+            err = max(torch.logsumexp(-every, 0).abs().item(), (every[targets[b, t]] - out[b, t]).abs().item())
+            self.worst = max(self.worst, err)
+        return out
+
+
+def run(pipeline: str, val: tg.ValData, variant: str, probe: bool = False):
+    """One full eval of `val` on a fresh random model; returns its ledger (per-target NLLs kept)."""
+    kind, over = PIPELINES[pipeline]
+    h = tiny_config(**over, **({"PREQUANT_TTT_EPOCHS": 1} if variant == "prequant-ttt" else {}))
+    model, quiet = random_model(h), lambda *a, **k: None
+    if variant == "leaky-smear":  # TEST HOOK: the smear no longer stops at BOS; attention still does
+        model.bos_id = -1
+        model.attention_segments = lambda idx: tg.segment_ids(idx, BOS, h.train_seq_len)
+    led = tg.ScoreLedger(val.num_targets, CPU.device, keep_nll=True)
+    if variant == "prequant-ttt":
+        tg.prequant_ttt(model, val, h, CPU, quiet)
+        tg.mark_prequant(led, *tg.find_docs(val.tokens, BOS))
+    if probe:
+        model.nll = NormProbe(model.nll)
+    if kind == "sliding":
+        tg.eval_sliding(model, val, h, CPU, led, quiet)
+    else:
+        tg.ttt_eval(model, val, h, CPU, led, quiet, score_after_update=variant == "score-after-update")
+    return led, model
+
+
+def perturb(val: tg.ValData, t: int) -> tg.ValData:
+    tokens = val.tokens.clone()
+    tokens[t] = (tokens[t] - 2 + 17) % (VOCAB - 2) + 2  # another non-BOS id
+    return tg.ValData(tokens, val.target_bytes, BOS)
+
+
+def doc_of(val: tg.ValData) -> torch.Tensor:
+    starts, _ = tg.find_docs(val.tokens, BOS)
+    return torch.from_numpy(np.searchsorted(starts, np.arange(val.num_targets), side="right") - 1)
+
+
+def clocks(led: tg.ScoreLedger) -> torch.Tensor:
+    return tg.score_clocks(led)[1]
+
+
+def causal_positions(val: tg.ValData) -> list:
+    """Tokens in the middle of a non-final chunk: in the first (phase-prefix) batch, in the second
+    batch, and the last token of a document that another follows."""
+    starts, ends = tg.find_docs(val.tokens, BOS)
+    return [int(starts[0]) + 20, int(starts[5]) + 11, int(ends[4]) - 1]
+
+
+def check_causal(pipeline: str, val: tg.ValData, variant: str, base) -> tuple:
+    """C1 in scoring order: scores fixed before token t was revealed do not move."""
+    clk, moved = clocks(base), 0
+    for t in causal_positions(val):
+        led, _ = run(pipeline, perturb(val, t), variant)
+        i = torch.arange(val.num_targets)
+        c = clk[t - 1]
+        fixed = (clk < c) | ((clk == c) & (i < t - 1))
+        if torch.equal(led.nll, base.nll):
+            return False, f"perturbing token {t} changed nothing (vacuous check)"
+        moved += int((led.nll[fixed] != base.nll[fixed]).sum())
+    return moved == 0, f"{moved} fixed scores moved over {len(causal_positions(val))} perturbations"
+
+
+def check_isolation(pipeline: str, val: tg.ValData, variant: str, base) -> tuple:
+    """Changing a token of doc N moves no score of any other document."""
+    starts, ends = tg.find_docs(val.tokens, BOS)
+    docs, moved = doc_of(val), 0
+    for k, t in ((0, int(ends[0]) - 1), (6, int(starts[6]) + 9)):
+        led, _ = run(pipeline, perturb(val, t), variant)
+        moved += int((led.nll[docs != k] != base.nll[docs != k]).sum())
+    return moved == 0, f"{moved} scores of other documents moved over 2 perturbations"
+
+
+def run_checks(variant: str = "none") -> list:
+    """Rows (condition, pipeline, passed, detail)."""
+    val, rows = synthetic_val(), []
+    starts, _ = tg.find_docs(val.tokens, BOS)
+    for pipeline in PIPELINES:
+        base, model = run(pipeline, val, variant, probe=True)
+        led_checks = tg.check_ledger(base, starts)
+        if pipeline != "LoRA TTT, independent":
+            rows.append(("C1 causal", pipeline, *check_causal(pipeline, val, variant, base)))
+        if pipeline != "LoRA TTT, phased, warm A":
+            rows.append(("C1 doc isolation", pipeline, *check_isolation(pipeline, val, variant, base)))
+        worst = model.nll.worst
+        rows.append(("C2 normalized", pipeline, worst < 1e-4,
+                     f"{model.nll.calls} forwards probed, worst |logsumexp| or score gap {worst:.1e}"))
+        rows.append(("C3 score before update", pipeline, led_checks["C3"],
+                     f"{led_checks['late_updates']} updates before the scores they used"))
+        rows.append(("C4 each target once", pipeline, led_checks["C4"],
+                     f"{led_checks['scored']} scores for {val.num_targets} targets"))
+    return rows
+
+
+def print_table(rows: list):
+    print(f"{'condition':<24} {'pipeline':<26} result  detail")
+    for cond, pipeline, ok, detail in rows:
+        print(f"{cond:<24} {pipeline:<26} {'PASS' if ok else 'FAIL':<7} {detail}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--variant", choices=list(VARIANTS), default="none",
+                    help="a deliberately illegal pipeline that must fail (negative control)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)  # tiny ops: threads only add overhead (and suffer on a busy CPU)
+    rows = run_checks(args.variant)
+    print_table(rows)
+    failed = sorted({cond.split()[0] for cond, _, ok, _ in rows if not ok})
+    if args.variant != "none":
+        expect = VARIANTS[args.variant]
+        print(f"variant {args.variant}: expected to fail {expect}; failed {failed or 'nothing'} -> "
+              f"{'negative control works' if expect in failed else 'NEGATIVE CONTROL DID NOT FIRE'}")
+    print("ALL PASS" if not failed else f"FAIL: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
