@@ -26,7 +26,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import brotli
 import numpy as np
@@ -1424,9 +1424,9 @@ def deserialize(blob: bytes) -> dict:
     index = json.loads(raw[4 : 4 + n])
     qstate = {name: dict(small) for name, small in index["entries"]}
     pos = 4 + n
-    for name, field, dtype, shape in index["records"]:
+    for name, key, dtype, shape in index["records"]:
         size = getattr(torch, dtype).itemsize * math.prod(shape)
-        qstate[name][field] = from_stored(field, raw[pos : pos + size], dtype, shape)
+        qstate[name][key] = from_stored(key, raw[pos : pos + size], dtype, shape)
         pos += size
     return qstate
 

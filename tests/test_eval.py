@@ -210,7 +210,8 @@ def fake_data_dir(root, val: tg.ValData):
     write_shard(os.path.join(root, "fineweb_train_000000.bin"), val.tokens.numpy())
     write_shard(os.path.join(root, "fineweb_val_000000.bin"), val.tokens.numpy())
     write_shard(os.path.join(root, "fineweb_val_bytes_000000.bin"), [0] + val.target_bytes.tolist())
-    manifest = dict(variant="test", byte_source="sidecar",
+    manifest = dict(format_version=1, variant="test", byte_source="sidecar",
+                    train=dict(shards=[dict(name="fineweb_train_000000.bin")]),
                     tokenizer=dict(sha256=tg.sha256_file(tok), vocab_size=legality.VOCAB, bos_id=1),
                     val=dict(tokens=val.tokens.numel(), shards=[dict(name="fineweb_val_000000.bin")],
                              byte_shards=[dict(name="fineweb_val_bytes_000000.bin")]))
