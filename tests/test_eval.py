@@ -289,11 +289,14 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_gloo_ranks_match_one(tmp_path):
+@pytest.mark.parametrize("world", [2, 8])
+def test_gloo_ranks_match_one(world, tmp_path):
+    """TTT work sharing goes through the process group (no files): 2 or 8 ranks give 1 rank's score."""
     one = ttt_once(CPU)
-    mp.spawn(rank_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
-    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    mp.spawn(rank_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
+    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(world)]
     for r in ranks:
         assert r["nll"] == pytest.approx(one["nll"], rel=1e-5) and r["tokens"] == one["tokens"]
-        assert r["C3"] and r["C4"] and 0 < r["mine"] < one["tokens"]  # the work was shared
+        assert r["C3"] and r["C4"] and r["mine"] < one["tokens"]
+    assert sum(r["mine"] > 0 for r in ranks) >= 2  # the work was shared
     assert sum(r["mine"] for r in ranks) == one["tokens"]
