@@ -19,15 +19,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_steps(rank: int, world: int, smoke_dir: str, port: int, out: str):
+def rank_setup(rank: int, world: int, smoke_dir: str, port: int):
+    """What torchrun provides, then the script's own init: (config, Dist, data spec)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     h = tg.load_config({"SMOKE": "1", "DATA_PATH": smoke_dir,
                         "TOKENIZER_PATH": os.path.join(smoke_dir, "smoke_caseops_1024.model")})
-    d = tg.init_distributed(h)
-    spec = tg.load_data_spec(h)
+    d, spec = tg.init_distributed(h), tg.load_data_spec(h)
     torch.manual_seed(h.seed)
+    return h, d, spec
+
+
+def run_steps(rank: int, world: int, smoke_dir: str, port: int, out: str):
+    h, d, spec = rank_setup(rank, world, smoke_dir, port)
     model = tg.GPT(h, spec.bos_id, "sdpa")
     model.looping = True
     opt, loader = tg.Optimizers(model, d, h), tg.TrainLoader(spec.train_files, h.slot_tokens, d)
@@ -70,13 +75,7 @@ def test_world_sizes_take_the_same_steps(world, smoke_dir, tmp_path):
 
 def quantize_on_rank(rank: int, world: int, smoke_dir: str, port: int, out_dir: str):
     """Every rank collects (all-reduced) Hessians and quantizes; rank 0 alone writes in main()."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    h = tg.load_config({"SMOKE": "1", "DATA_PATH": smoke_dir,
-                        "TOKENIZER_PATH": os.path.join(smoke_dir, "smoke_caseops_1024.model")})
-    d, spec = tg.init_distributed(h), tg.load_data_spec(h)
-    torch.manual_seed(h.seed)
+    h, d, spec = rank_setup(rank, world, smoke_dir, port)
     model = tg.GPT(h, spec.bos_id, "sdpa")
     with torch.no_grad():
         for p in model.parameters():
