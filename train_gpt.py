@@ -20,6 +20,7 @@ import math
 import os
 import platform
 import queue
+import re
 import subprocess
 import sys
 import threading
@@ -243,9 +244,12 @@ def load_config(environ=None) -> Hyperparameters:
 
 
 def config_help() -> str:
-    lines = ["Env vars (name = default):"]
+    """Every env var with its default and the comment of its field in the source."""
+    notes = dict(re.findall(r"^    (\w+): \w+ = .*?  # (.*)$", source_text(), re.M))
+    lines = ["Env vars (NAME = default  # meaning):"]
     for f in dataclasses.fields(Hyperparameters):
-        lines.append(f"  {f.name.upper()} = {f.default!r}")
+        note = f"  # {notes[f.name]}" if f.name in notes else ""
+        lines.append(f"  {f.name.upper()} = {f.default!r}{note}")
     return "\n".join(lines)
 
 
