@@ -2285,8 +2285,8 @@ def main():
     if h.prequant_ttt_epochs:  # ILLEGAL research mode (C3): stamped in final_json
         with ledger.phase("prequant_ttt"):
             prequant_ttt(model, val, h, d, log)
-    if d.device.type == "cuda":
-        stats["peak_mem_mib"] = torch.cuda.max_memory_allocated(d.device) // 2**20
+    stats["peak_mem_mib"] = (torch.cuda.max_memory_allocated(d.device) // 2**20
+                             if d.device.type == "cuda" else None)
     path, qstats = quantize_stage(model, spec, h, d, log, ledger, stats)
     prequant = logged_eval("eval_prequant", model, val, h, d, log, ledger)
     acc = artifact_accounting(path, h, log)
