@@ -30,6 +30,12 @@ def test_smoke_run_end_to_end(smoke_dir, tmp_path):
     losses = [float(x) for x in re.findall(r"train_loss: ([\d.]+)", log)]
     assert losses[-1] < losses[0] - 1.0, losses
     out = final_json(log)
+    assert {"val_bpb", "val_loss", "steps", "step_avg_ms", "train_time_s", "tokens_per_s",
+            "peak_mem_mib", "world_size", "config_hash", "val_bpb_prequant", "val_bpb_quant",
+            "model_bytes", "code_bytes", "artifact_bytes", "quant_time_s", "serialize_time_s",
+            "val_bpb_sliding", "eval_time_s", "eval_strict_s", "tokens_scored", "bytes_scored",
+            "legality"} <= set(out)
+    assert out["legality"] == "compliant" and out["scored_by"] == "eval_ttt"
     n_targets = int(re.search(r"val_targets (\d+)", log).group(1))
     assert out["mode"] == "smoke" and out["tokens_scored"] == n_targets
     assert out["code_bytes"] == os.path.getsize(os.path.join(REPO, "train_gpt.py"))
