@@ -1010,16 +1010,16 @@ class Optimizers:
         self.d, self.h = d, h
 
     def step(self, lr_mult: float, momentum: float) -> float:
-        handles = self.muon.reduce_grads()
+        handles = self.muon.reduce_grads()  # async reduce-scatter of the matrix stacks
         grads = [p.grad for p in self.replicated]
-        if self.d.world_size > 1:
+        if self.d.world_size > 1:  # the small replicated tensors travel as one flat buffer
             flat = torch.cat([g.flatten() for g in grads])
-            dist.all_reduce(flat, op=dist.ReduceOp.AVG if dist.get_backend() == "nccl" else dist.ReduceOp.SUM)
-            if dist.get_backend() != "nccl":
-                flat /= self.d.world_size
+            dist.all_reduce(flat)
+            flat /= self.d.world_size
             torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
         for hd in handles:
             hd.wait()
+        # Global norm: the Muon shards are disjoint across ranks, the replicated grads identical.
         sq = all_reduce(self.muon.sq_norm().reshape(1)) + sum(g.square().sum() for g in grads)
         norm = sq.sqrt().squeeze()
         clip = (self.h.grad_clip_norm / (norm + 1e-6)).clamp(max=1.0) if self.h.grad_clip_norm else norm * 0 + 1
@@ -1027,7 +1027,7 @@ class Optimizers:
         for g, base in zip(self.adam.param_groups, self.base_lrs):
             g["lr"] = base * lr_mult
         self.adam.step()
-        self.muon.step(self.h.matrix_lr * lr_mult, momentum, clip)
+        self.muon.step(self.h.matrix_lr * lr_mult, momentum, clip)  # Muon applies clip to its shard
         return norm
 
     def zero_grad(self):
