@@ -529,23 +529,25 @@ def load_val_data(spec: DataSpec, h: Hyperparameters) -> ValData:
                    spec.bos_id)
 
 
-def check_disjoint(spec: DataSpec, log) -> None:
-    """Refuse any train document with the same tokens as a val document. Documents straddling two
-    train shards are hashed whole; empty documents (BOS alone) are skipped."""
+def assert_disjoint(val_files: list, train_files: list, bos_id: int) -> int:
+    """Refuse any train document with the same tokens as a val document; returns the number of
+    val docs hashed. Documents straddling two train shards are hashed whole (each shard's
+    unfinished last document is carried into the next); empty documents (BOS alone) are skipped.
+    data/prepare.py and data/download.py run this same check."""
     def hashes(tokens):
-        lengths = np.diff(np.append(np.flatnonzero(tokens == spec.bos_id), tokens.size))
-        return set(doc_hashes(tokens, spec.bos_id)[lengths > 1].tolist())
+        lengths = np.diff(np.append(np.flatnonzero(tokens == bos_id), tokens.size))
+        return set(doc_hashes(tokens, bos_id)[lengths > 1].tolist())
 
-    val = hashes(np.concatenate([read_shard(f) for f in spec.val_files]))
+    val = hashes(np.concatenate([read_shard(f) for f in val_files]))
     carry = np.zeros(0, np.uint16)
-    for i, f in enumerate(spec.train_files):
+    for i, f in enumerate(train_files):
         tokens = np.concatenate([carry, read_shard(f)])
-        starts = np.flatnonzero(tokens == spec.bos_id)
-        cut = starts[-1] if i < len(spec.train_files) - 1 and starts.size else tokens.size
+        starts = np.flatnonzero(tokens == bos_id)
+        cut = starts[-1] if i < len(train_files) - 1 and starts.size else tokens.size
         body, carry = tokens[:cut], tokens[cut:]
         if val & hashes(body):
             raise DataError(f"{f}: train documents identical to val documents (train/val overlap)")
-    log(f"check_disjoint: {len(val)} val docs, none in {len(spec.train_files)} train shards")
+    return len(val)
 
 
 class TrainLoader:
@@ -2256,7 +2258,8 @@ def setup(h: Hyperparameters):
     backend = pick_attention_backend(d.device)
     log_header(log, h, d, spec, val, backend)
     if h.check_disjoint and d.is_main:
-        check_disjoint(spec, log)
+        n = assert_disjoint(spec.val_files, spec.train_files, spec.bos_id)
+        log(f"check_disjoint: {n} val docs, none in {len(spec.train_files)} train shards")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return spec, d, log, ledger, val, backend
 

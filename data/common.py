@@ -168,43 +168,9 @@ def doc_starts(tokens: np.ndarray) -> np.ndarray:
     return np.flatnonzero(tokens == BOS_ID)
 
 
-def check_disjoint(val_files, train_files, progress=None) -> int:
-    """Refuse any train document whose tokens equal a val document's (train_gpt.doc_hashes).
-
-    Documents are hashed whole even when they straddle two train shards (the unfinished tail of
-    each shard is carried into the next). Documents with no token after BOS (empty or
-    whitespace-only text) carry no text and are skipped. Returns the number of val docs hashed.
-    """
-
-    def hashes(tokens):
-        starts = doc_starts(tokens)
-        lengths = np.diff(np.append(starts, tokens.size))
-        return train_gpt.doc_hashes(tokens, BOS_ID), lengths > 1
-
-    h, nonempty = hashes(concat_shards(val_files))
-    val_hashes = np.unique(h[nonempty])
-    carry, seen = np.zeros(0, np.uint16), 0
-    for i, path in enumerate(train_files):
-        tokens = np.concatenate([carry, train_gpt.read_shard(path)])
-        starts = doc_starts(tokens)
-        if i == len(train_files) - 1:
-            cut = tokens.size
-        else:  # the last doc may continue in the next shard: carry it over
-            cut = starts[-1] if starts.size else 0
-        body, carry = tokens[:cut], tokens[cut:]
-        if body.size and body[0] != BOS_ID:  # headless data before the first BOS: not a doc
-            first = doc_starts(body)
-            body = body[first[0]:] if first.size else body[:0]
-        h, nonempty = hashes(body)
-        hit = np.flatnonzero(nonempty & np.isin(h, val_hashes))
-        if hit.size:
-            raise DataError(f"train/val overlap: {hit.size} train documents (the first is train doc "
-                            f"{seen + int(hit[0])}, in or before {os.path.basename(path)}) have the "
-                            "same tokens as a val document; refusing to write manifest.json")
-        seen += int(doc_starts(body).size)
-        if progress:
-            progress(seen, 0)
-    return int(val_hashes.size)
+def check_disjoint(val_files, train_files) -> int:
+    """The scorer's own check (train_gpt.assert_disjoint): no train document equals a val one."""
+    return train_gpt.assert_disjoint(val_files, train_files, BOS_ID)
 
 
 def write_manifest(path: str, man: dict) -> None:

@@ -38,3 +38,12 @@ def caseops_model(smoke_dir):
 
 # The tools are scripts (run as `python tools/x.py`), so tests import them as top-level modules.
 sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
+
+
+def free_port() -> int:
+    """A free localhost port for a gloo process group (tests that spawn ranks)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,7 +1,6 @@
 """1, 2 and 8 ranks (gloo on CPU) take identical optimizer steps: same batches per step, sharded
 Muon (reduce-scatter + all-gather, stacks padded to the world size), replicated AdamW, global clip."""
 import os
-import socket
 
 import pytest
 import torch
@@ -9,14 +8,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train_gpt as tg
+from conftest import free_port
 
 STEPS = 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rank_setup(rank: int, world: int, smoke_dir: str, port: int):

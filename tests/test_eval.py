@@ -4,7 +4,6 @@ pre-quant research stamp, and TTT over 2 gloo ranks against 1."""
 import json
 import math
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -16,6 +15,8 @@ from hypothesis import strategies as st
 
 import legality
 import train_gpt as tg
+from conftest import free_port
+from data.common import write_shard
 
 CPU = legality.CPU
 
@@ -195,13 +196,6 @@ def test_final_evaluation_stamps_prequant_ttt():
     assert out["eval_strict_s"] >= out["eval_time_s"] > 0
 
 
-def write_shard(path, tokens):
-    header = np.zeros(tg.HEADER_INTS, "<i4")
-    header[:3] = tg.SHARD_MAGIC, tg.SHARD_VERSION, len(tokens)
-    with open(path, "wb") as f:
-        f.write(header.tobytes() + np.asarray(tokens, "<u2").tobytes())
-
-
 def fake_data_dir(root, val: tg.ValData):
     """Shards, a byte sidecar and a manifest: what load_data_spec checks, nothing more."""
     os.makedirs(root)
@@ -281,12 +275,6 @@ def ttt_once(d):
     checks = tg.check_ledger(led, tg.find_docs(val.tokens, 1)[0])
     mine = sum(int((r[:, 2] - r[:, 1]).sum()) for k, _, r in led.events if k == "score")
     return dict(nll=score.nll, tokens=score.tokens, mine=mine, C3=checks["C3"], C4=checks["C4"])
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("world", [2, 8])

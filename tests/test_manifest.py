@@ -119,4 +119,5 @@ def test_scorer_disjoint_check_sees_docs_across_shards(data):
     common.write_shard(os.path.join(d, "fineweb_val_000000.bin"), val)
     h = train_gpt.load_config(env)
     with pytest.raises(train_gpt.DataError, match="overlap|also appear"):
-        train_gpt.check_disjoint(train_gpt.load_data_spec(h), lambda msg: None)
+        spec = train_gpt.load_data_spec(h)
+        train_gpt.assert_disjoint(spec.val_files, spec.train_files, spec.bos_id)
