@@ -2,10 +2,12 @@
 
   python bench/bench_step.py                       # record batch 786432, then 262144
   BENCH_BATCHES=786432 BENCH_STEPS=10 python bench/bench_step.py
+  BENCH_DATA=/tmp/bench_caseops python bench/bench_step.py   # real shards instead of random tokens
 
 Prints compile time, ms/step with the loop off and on, tokens/s and peak memory per batch size,
 plus a parity check of the compiled flex-attention document mask against an SDPA reference.
 """
+import glob
 import os
 import sys
 import time
@@ -59,9 +61,13 @@ def bench(batch_tokens: int, steps: int, d):
     torch.cuda.synchronize()
     compile_s = time.perf_counter() - t0
     opt, gen, out = tg.Optimizers(model, d, h), torch.Generator().manual_seed(1), {}
+    data = os.environ.get("BENCH_DATA")  # real documents: attention work depends on doc lengths
+    if data:
+        loader = tg.TrainLoader(sorted(glob.glob(os.path.join(data, "fineweb_train_*.bin"))), h.slot_tokens, d)
+    next_batch = loader.next_step if data else (lambda: tg.synthetic_batches(h, d, gen))
     for looping in (False, True):
         model.looping = looping
-        batches = [tg.synthetic_batches(h, d, gen) for _ in range(steps)]
+        batches = [next_batch() for _ in range(steps)]
         tg.forward_backward(model, batches[0]); opt.step(1.0, 0.95); opt.zero_grad()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -72,7 +78,8 @@ def bench(batch_tokens: int, steps: int, d):
         torch.cuda.synchronize()
         out[looping] = 1000 * (time.perf_counter() - t0) / steps
     peak = torch.cuda.max_memory_allocated() / 2**30
-    print(f"batch {batch_tokens}: compile+warmup {compile_s:.1f}s | ms/step loop-off {out[False]:.1f} "
+    print(f"batch {batch_tokens} ({'bench-pack' if data else 'synthetic'} tokens): "
+          f"compile+warmup {compile_s:.1f}s | ms/step loop-off {out[False]:.1f} "
           f"({batch_tokens / out[False] * 1e3:,.0f} tok/s) loop-on {out[True]:.1f} "
           f"({batch_tokens / out[True] * 1e3:,.0f} tok/s) | peak {peak:.1f} GiB", flush=True)
 

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from train_gpt import (  # noqa: E402
     FP16_TINY, clip_range, dequantize_groups, dequantize_state_dict, deserialize, gptq_quantize,
-    lqer_factors, lqer_reconstruct, quantize_groups, quantize_state_dict, rtn_quantize,
-    sdclip_scale, serialize,
+    Ledger, lqer_factors, lqer_reconstruct, quantize_fit, quantize_groups, quantize_state_dict,
+    rtn_quantize, sdclip_scale, serialize,
 )
 
 
@@ -227,6 +227,23 @@ def test_state_dict_classes_and_log(quantized):
     assert len(stats["lqer"]) == 3 and all("lqer_qa" in qstate[n] for n in stats["lqer"])
     assert stats["err_sq_final"] < stats["err_sq_gptq"] < 0.1 * stats["weight_sq"]
     assert sum(stats["counts"].values()) == len(sd)
+
+
+def test_fit_to_cap_raises_mlp_sigma_until_the_blob_fits():
+    """A budget 3% under the default size is met by requantizing with a larger MLP clip sigma;
+    with FIT_TO_CAP off the oversized blob comes back unchanged (the run then fails at the cap)."""
+    sd = toy_state_dict(d=128)
+    hess, quiet, ledger = toy_hessians(sd), (lambda *a: None), Ledger(torch.device("cpu"))
+    h = config(fit_to_cap=True)
+    base, k0 = quantize_fit(sd, hess, h, 10**9, quiet, ledger)
+    assert k0 == 11.5 and ledger.seconds["gptq_quantize"] > 0 and ledger.seconds["serialize"] > 0
+    budget, lines = int(len(base) * 0.97), []
+    blob, k = quantize_fit(sd, hess, h, budget, lines.append, ledger)
+    assert len(blob) <= budget and k > 11.5 and h.mlp_clip_sigmas == 11.5  # caller's h untouched
+    assert any(line.startswith("fit_to_cap:") for line in lines)
+    assert deserialize(blob).keys() == sd.keys()
+    same, k1 = quantize_fit(sd, hess, config(fit_to_cap=False), budget, quiet, ledger)
+    assert same == base and k1 == 11.5
 
 
 def test_lqer_picks_largest_errors(quantized):
