@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import glob
 import hashlib
+import inspect
 import json
 import lzma
 import math
@@ -85,6 +86,7 @@ class Hyperparameters:
     gate_window: int = 12  # input channels seen by the smear and sparse/out attention gates
     smear_gate_enabled: bool = True
     attn_gate: str = "sparse"  # sparse | out | dense | none (one attention output gate)
+    attn_backend: str = "auto"  # auto | fa3 | varlen (torch's FA2) | flex | sdpa; same math
     sparse_attn_gate_scale: float = 0.5
     # optimizer
     matrix_lr: float = 0.026
@@ -152,6 +154,8 @@ class Hyperparameters:
             self.run_id = time.strftime("run_%Y%m%d_%H%M%S")
         if self.attn_gate not in ("sparse", "out", "dense", "none"):
             raise ValueError(f"ATTN_GATE={self.attn_gate!r}: use sparse, out, dense or none")
+        if self.attn_backend not in ("auto", "fa3", "varlen", "flex", "sdpa"):
+            raise ValueError(f"ATTN_BACKEND={self.attn_backend!r}: use auto, fa3, varlen, flex or sdpa")
         if self.compressor not in ("brotli", "lzma"):
             raise ValueError(f"COMPRESSOR={self.compressor!r}: use brotli or lzma")
         if self.model_dim % self.num_heads or self.num_heads % self.num_kv_heads:
@@ -605,6 +609,13 @@ try:
     from flash_attn_interface import flash_attn_varlen_func  # FlashAttention-3 (Hopper)
 except ImportError:
     flash_attn_varlen_func = None
+try:  # PyTorch's own FlashAttention-2 varlen kernel (torch >= 2.10; the keywords changed in 2.12)
+    from torch.nn.attention.varlen import varlen_attn
+    _VARLEN_PARAMS = inspect.signature(varlen_attn).parameters
+    VARLEN_KW = dict({"is_causal": True} if "is_causal" in _VARLEN_PARAMS else {"window_size": (-1, 0)},
+                     **({"enable_gqa": True} if "enable_gqa" in _VARLEN_PARAMS else {}))
+except ImportError:
+    varlen_attn = None
 try:
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
     # compiled on its own too, so eager callers (GPTQ calibration) never materialize T x T scores
@@ -675,6 +686,11 @@ def attention(q, k, v, seg, backend: str, max_len: int):
     """Causal attention within segments. q: [B,T,H,hd]; k, v: [B,T,Hkv,hd]."""
     if backend == "fa3":
         return fa3_attention(q, k, v, seg, max_len)
+    if backend == "varlen":
+        B, T = q.shape[:2]
+        y = varlen_attn(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), seg, seg, max_len, max_len,
+                        **VARLEN_KW)
+        return y.view(B, T, *q.shape[2:])
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     if backend == "flex":  # seg is the BlockMask, built eagerly (see GPT.attention_segments)
         y = flex_attention_compiled(q, k, v, block_mask=seg, enable_gqa=True)
@@ -685,10 +701,18 @@ def attention(q, k, v, seg, backend: str, max_len: int):
     return y.transpose(1, 2)
 
 
-def pick_attention_backend(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "sdpa"
-    return "fa3" if flash_attn_varlen_func is not None else "flex"
+ATTN_BACKENDS = {"fa3": lambda: flash_attn_varlen_func, "varlen": lambda: varlen_attn,
+                 "flex": lambda: flex_attention, "sdpa": lambda: True}
+
+
+def pick_attention_backend(device: torch.device, choice: str = "auto") -> str:
+    """auto: FA3 when importable, else flex on GPU; sdpa (an explicit mask) on CPU."""
+    if choice == "auto":
+        return "sdpa" if device.type != "cuda" else "fa3" if flash_attn_varlen_func else "flex"
+    if ATTN_BACKENDS[choice]() is None or (choice != "sdpa" and device.type != "cuda"):
+        raise RuntimeError(f"ATTN_BACKEND={choice} is not available here (torch {torch.__version__}, "
+                           f"{device.type}); use auto")
+    return choice
 
 
 def apply_rope(x, cos, sin, dims: int):
@@ -862,7 +886,7 @@ class GPT(nn.Module):
         blocks: a flex BlockMask built inside a compiled region came out wrong on CUDA
         (torch 2.11), and eager masks are reused by the compiled graph without recompiling."""
         seg = segment_ids(idx, self.bos_id, self.h.train_seq_len)
-        if self.backend == "fa3":
+        if self.backend in ("fa3", "varlen"):
             return varlen_cu_seqlens(seg)
         return flex_doc_mask(seg) if self.backend == "flex" else seg
 
@@ -2038,6 +2062,22 @@ def scored_eval(name: str, fn, model, val, h, d, log, ledger, starts, ends):
     return score, verdict(checks, h, val.num_targets)
 
 
+def scoring_state(model: GPT, h: Hyperparameters):
+    model.looping = h.num_loops > 0  # the scored model always runs its loop, as in the records
+    model.requires_grad_(False)
+
+
+def precompile_eval(model: GPT, h: Hyperparameters, d: Dist, bos_id: int):
+    """Compile the eval graphs before training, on random tokens. The artifact's model (same
+    classes, shapes and flags) reuses them, so its eval_warmup only runs them: the 63 graphs of
+    the TTT eval took 297 s to compile on an H100 (bench/RESULTS.md)."""
+    scoring_state(model, h)
+    eval_warmup(model, h, d, bos_id)
+    model.looping = False
+    model.requires_grad_(True)
+    torch.cuda.empty_cache()
+
+
 def final_evaluation(model: GPT, val: ValData, h: Hyperparameters, d: Dist, log, ledger) -> dict:
     """Everything after training, on the model to score: compile warmup (random tokens), the
     non-overlapping diagnostic, sliding windows and phased LoRA TTT, each with its C3/C4 ledger.
@@ -2045,8 +2085,7 @@ def final_evaluation(model: GPT, val: ValData, h: Hyperparameters, d: Dist, log,
     minimum over evals (that would be multi-pass selection, C4). Time the artifact load as
     ledger phase "load"; it counts in eval_strict_s."""
     t0 = time.perf_counter()
-    model.looping = h.num_loops > 0  # the scored model always runs its loop, as in the records
-    model.requires_grad_(False)
+    scoring_state(model, h)
     with ledger.phase("eval_warmup"):
         eval_warmup(model, h, d, val.bos_id)
     log(f"eval_warmup: {ledger.seconds['eval_warmup']:.1f}s (random tokens, no val data)")
@@ -2211,8 +2250,8 @@ def log_header(log, h: Hyperparameters, d: Dist, spec: DataSpec, val: ValData, b
         f"val_bytes {int(val.target_bytes.sum())} manifest_sha256 {spec.manifest_sha256[:16]}")
     log(f"world_size {d.world_size} grad_accum {d.grad_accum} attention {backend}")
     if d.device.type == "cuda" and backend != "fa3":
-        log("!" * 100 + "\n!!! FlashAttention-3 (flash_attn_interface) is not importable: using "
-            "PyTorch flex attention.\n!!! Same math, slower steps: fewer steps fit the cap, so the "
+        log("!" * 100 + "\n!!! FlashAttention-3 (flash_attn_interface) is not used: attention runs on "
+            f"PyTorch's {backend} path.\n!!! Same math, slower steps: fewer steps fit the cap, so the "
             "score is not record-comparable.\n" + "!" * 100)
 
 
@@ -2282,7 +2321,7 @@ def setup(h: Hyperparameters):
     d = init_distributed(h)
     log, ledger = Logger(h.run_id, d.is_main), Ledger(d.device)
     val = load_val_data(spec, h)
-    backend = pick_attention_backend(d.device)
+    backend = pick_attention_backend(d.device, h.attn_backend)
     log_header(log, h, d, spec, val, backend)
     if h.check_disjoint and d.is_main:
         n = assert_disjoint(spec.val_files, spec.train_files, spec.bos_id)
@@ -2310,7 +2349,11 @@ def main():
         compile_model(model)
     with ledger.phase("compile_warmup"):
         compile_warmup(model, h, d, h.slot_tokens)
-    log(f"compile_warmup: {ledger.seconds['compile_warmup']:.1f}s (synthetic tokens, untimed)")
+    with ledger.phase("compile_eval"):
+        if d.device.type == "cuda":
+            precompile_eval(model, h, d, spec.bos_id)
+    log(f"compile_warmup: train {ledger.seconds['compile_warmup']:.1f}s, eval "
+        f"{ledger.seconds['compile_eval']:.1f}s (synthetic tokens, before the training clock)")
     stats = train(model, h, d, spec, val, log)
     if h.prequant_ttt_epochs:  # ILLEGAL research mode (C3): stamped in final_json
         with ledger.phase("prequant_ttt"):

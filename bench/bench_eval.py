@@ -3,11 +3,13 @@
   python bench/bench_eval.py                              # 300K tokens, doc lengths ~ FineWeb-like
   BENCH_EVAL_TOKENS=1000000 BENCH_EVAL_PREFIX=120 python bench/bench_eval.py
   torchrun --standalone --nproc_per_node=2 bench/bench_eval.py   # work split over NCCL ranks
+  ATTN_BACKEND=varlen python bench/bench_eval.py                 # any train_gpt.py env name applies
 
-Runs final_evaluation (compile warmup on random tokens, diagnostic, sliding, phased LoRA TTT)
-on a randomly initialized record-size model and prints each phase's time, the TTT chunk steps
-and ms per step, peak memory, and how many graphs were compiled AFTER the warmup (should be 0:
-every shape the eval uses must be warmed on synthetic tokens).
+Compiles the eval graphs on one randomly initialized record-size model (precompile_eval, as main()
+does before training), then runs final_evaluation (warmup, diagnostic, sliding, phased LoRA TTT)
+on a FRESH instance with the same weights, as after loading the artifact. Prints each phase's
+time, the TTT chunk steps and ms per step, peak memory, and how many graphs the fresh instance
+compiled (should be 0: the artifact's model reuses the precompiled graphs).
 """
 import os
 import sys
@@ -37,34 +39,34 @@ def graph_count() -> int:
 def main():
     n_tokens = int(os.environ.pop("BENCH_EVAL_TOKENS", "300000"))
     prefix = os.environ.pop("BENCH_EVAL_PREFIX", "60")
-    h = tg.load_config({"PHASED_TTT_PREFIX_DOCS": prefix, "SLIDING_ENABLED": "1"})
+    h = tg.load_config({**os.environ, "PHASED_TTT_PREFIX_DOCS": prefix, "SLIDING_ENABLED": "1"})
     d = tg.init_distributed(h)
+    backend = tg.pick_attention_backend(d.device, h.attn_backend)
     torch.manual_seed(0)
-    model = tg.GPT(h, 1, tg.pick_attention_backend(d.device)).to(d.device)
+    trained = tg.GPT(h, 1, backend).to(d.device)  # stands in for the training model
     with torch.no_grad():  # nonzero everywhere, so every path (gates, smear, LoRA grads) is live
-        for p in model.parameters():
+        for p in trained.parameters():
             p.add_(torch.randn_like(p) * 0.01)
-    tg.compile_model(model)
+    tg.compile_model(trained)
     val = synthetic_docs(n_tokens, h.vocab_size)
     starts, ends = tg.find_docs(val.tokens, 1)
     steps = sum(tg.chunks_of(b, starts, ends, h) for b in tg.ttt_queue(ends - starts, h.ttt_batch_size))
     log = print if d.is_main else (lambda *a, **k: None)
     log(f"synthetic val: {val.num_targets} targets, {starts.size} docs, max doc {int((ends - starts).max())}, "
-          f"TTT chunk steps {steps}, attention {model.backend}, world {d.world_size}")
-    warm = tg.eval_warmup
-    after = {}
-
-    def counted_warmup(*a, **k):
-        warm(*a, **k)
-        after["graphs"] = graph_count()
-    tg.eval_warmup = counted_warmup
-    ledger = tg.Ledger(d.device)
+        f"TTT chunk steps {steps}, attention {backend}, world {d.world_size}")
     t0 = time.perf_counter()
-    out = tg.final_evaluation(model, val, h, d, log, ledger)
+    tg.precompile_eval(trained, h, d, 1)  # what main() does before training
+    pre_s, pre_graphs = time.perf_counter() - t0, graph_count()
+    log(f"precompile_eval: {pre_s:.1f}s, {pre_graphs} graphs", flush=True)
+    model = tg.GPT(h, 1, backend).to(d.device)  # a fresh instance, as load_artifact builds
+    model.load_state_dict(trained.state_dict())
+    tg.compile_model(model)
+    t0 = time.perf_counter()
+    out = tg.final_evaluation(model, val, h, d, log, tg.Ledger(d.device))
     if not d.is_main:
         return
-    print(f"total {time.perf_counter() - t0:.1f}s; graphs compiled by warmup {after['graphs']}, "
-          f"after warmup {graph_count() - after['graphs']}")
+    print(f"final_evaluation {time.perf_counter() - t0:.1f}s; graphs compiled after precompile_eval: "
+          f"{graph_count() - pre_graphs} (should be 0)")
     print(f"TTT: {1000 * out['eval_time_s'] * d.world_size / steps:.1f} ms per chunk step per GPU (incl. global SGD); "
           f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     print({k: out[k] for k in ("val_bpb", "val_bpb_sliding", "val_bpb_diagnostic", "legality",

@@ -3,6 +3,7 @@
   python bench/bench_step.py                       # record batch 786432, then 262144
   BENCH_BATCHES=786432 BENCH_STEPS=10 python bench/bench_step.py
   BENCH_DATA=/tmp/bench_caseops python bench/bench_step.py   # real shards instead of random tokens
+  ATTN_BACKEND=varlen python bench/bench_step.py            # one backend (default: what auto picks)
 
 Prints compile time, ms/step with the loop off and on, tokens/s and peak memory per batch size,
 plus a parity check of the compiled flex-attention document mask against an SDPA reference.
@@ -18,42 +19,42 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_gpt as tg  # noqa: E402
 
 
-def parity_check(device):
-    """Compiled flex attention with the BOS-derived block mask == SDPA with a dense mask."""
+def parity_check(device, backend: str):
+    """Compiled attention of `backend` with its document segments == SDPA with a dense mask, for
+    the bare kernel and for the whole looped model."""
     torch.manual_seed(0)
+    h = tg.load_config({"TRAIN_BATCH_TOKENS": str(8 * 4096)})
+    model, ref = tg.GPT(h, 1, backend).to(device), tg.GPT(h, 1, "sdpa").to(device)
     idx = torch.randint(4, 100, (2, 4096), device=device)
     idx[torch.rand_like(idx, dtype=torch.float) < 1 / 300] = 1
-    seg = tg.segment_ids(idx, 1, 2048)
     q = torch.randn(2, 4096, 8, 64, device=device, dtype=torch.bfloat16)
     k, v = (torch.randn(2, 4096, 4, 64, device=device, dtype=torch.bfloat16) for _ in range(2))
-    flex = torch.compile(lambda q, k, v, s: tg.attention(q, k, v, s, "flex", 2048), fullgraph=True)
-    a, b = flex(q, k, v, tg.flex_doc_mask(seg)), tg.attention(q, k, v, seg, "sdpa", 2048)
+    fn = torch.compile(lambda q, k, v, s: tg.attention(q, k, v, s, backend, 2048), fullgraph=True)
+    a = fn(q, k, v, model.attention_segments(idx))
+    b = tg.attention(q, k, v, ref.attention_segments(idx), "sdpa", 2048)
     err = ((a.float() - b.float()).norm() / b.float().norm()).item()
-    print(f"parity flex vs sdpa: rel err {err:.2e}")
+    print(f"parity {backend} vs sdpa: rel err {err:.2e}")
     assert err < 2e-2, err
-    h = tg.load_config({"TRAIN_BATCH_TOKENS": str(8 * 4096)})
-    model = tg.GPT(h, 1, "flex").to(device)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.05)
-    ref = tg.GPT(h, 1, "sdpa").to(device)
     ref.load_state_dict(model.state_dict())
     ref.compute_dtype = torch.bfloat16
     tg.compile_model(model)
     model.looping = ref.looping = True
     y = torch.roll(idx, -1, 1)
     with torch.no_grad():
-        flex_nll, sdpa_nll = model(idx, y), ref(idx, y)
-    diff = (flex_nll - sdpa_nll).abs().max().item()
-    print(f"model parity flex vs sdpa (looped, random weights): max |dNLL| {diff:.3e}, "
-          f"mean NLL {flex_nll.mean().item():.4f}")
+        nll, ref_nll = model(idx, y), ref(idx, y)
+    diff = (nll - ref_nll).abs().max().item()
+    print(f"model parity {backend} vs sdpa (looped, random weights): max |dNLL| {diff:.3e}, "
+          f"mean NLL {nll.mean().item():.4f}")
     assert diff < 0.05, diff
 
 
-def bench(batch_tokens: int, steps: int, d):
+def bench(batch_tokens: int, steps: int, d, backend: str):
     h = tg.load_config({"TRAIN_BATCH_TOKENS": str(batch_tokens), "WARMUP_STEPS": "3"})
     torch.manual_seed(0)
-    model = tg.GPT(h, 1, tg.pick_attention_backend(d.device)).to(d.device)
+    model = tg.GPT(h, 1, backend).to(d.device)
     tg.compile_model(model)
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -78,7 +79,7 @@ def bench(batch_tokens: int, steps: int, d):
         torch.cuda.synchronize()
         out[looping] = 1000 * (time.perf_counter() - t0) / steps
     peak = torch.cuda.max_memory_allocated() / 2**30
-    print(f"batch {batch_tokens} ({'bench-pack' if data else 'synthetic'} tokens): "
+    print(f"batch {batch_tokens} {backend} ({'bench-pack' if data else 'synthetic'} tokens): "
           f"compile+warmup {compile_s:.1f}s | ms/step loop-off {out[False]:.1f} "
           f"({batch_tokens / out[False] * 1e3:,.0f} tok/s) loop-on {out[True]:.1f} "
           f"({batch_tokens / out[True] * 1e3:,.0f} tok/s) | peak {peak:.1f} GiB", flush=True)
@@ -87,11 +88,12 @@ def bench(batch_tokens: int, steps: int, d):
 def main():
     d = tg.Dist(0, 1, 0, torch.device("cuda", 0))
     torch.backends.cuda.matmul.allow_tf32 = True
-    print(torch.__version__, torch.cuda.get_device_name(0), "attention:", tg.pick_attention_backend(d.device))
-    parity_check(d.device)
+    backend = tg.pick_attention_backend(d.device, os.environ.get("ATTN_BACKEND", "auto"))
+    print(torch.__version__, torch.cuda.get_device_name(0), "attention:", backend)
+    parity_check(d.device, backend)
     steps = int(os.environ.get("BENCH_STEPS", "6"))
     for bt in map(int, os.environ.get("BENCH_BATCHES", "786432,262144").split(",")):
-        bench(bt, steps, d)
+        bench(bt, steps, d, backend)
 
 
 if __name__ == "__main__":

@@ -63,3 +63,13 @@ def test_config_hash_ignores_seed_only():
 def test_attn_gate_enum_is_checked():
     with pytest.raises(ValueError, match="ATTN_GATE"):
         tg.load_config({"ATTN_GATE": "both"})
+
+
+def test_attn_backend_choice_is_checked():
+    with pytest.raises(ValueError, match="ATTN_BACKEND"):
+        tg.load_config({"ATTN_BACKEND": "fa2"})
+    cpu = torch.device("cpu")
+    assert tg.pick_attention_backend(cpu) == "sdpa" == tg.pick_attention_backend(cpu, "sdpa")
+    for gpu_only in ("fa3", "varlen", "flex"):  # asked for explicitly: an error, never a silent swap
+        with pytest.raises(RuntimeError, match=f"ATTN_BACKEND={gpu_only}"):
+            tg.pick_attention_backend(cpu, gpu_only)
