@@ -2023,10 +2023,11 @@ def eval_warmup(model: GPT, h: Hyperparameters, d: Dist, bos_id: int):
         eval_val(model, fake, solo, h.slot_tokens)
     if h.sliding_enabled:
         eval_sliding(model, fake, h, solo, led, quiet)
-    if h.ttt_enabled:
-        ttt_eval(model, fake, dataclasses.replace(h, phased_ttt_num_phases=0), solo, led, quiet)
+    if h.ttt_enabled:  # global SGD first: torch 2.13 crashes explaining a recompile from a
+        # LoRA graph to a graph without adapters (it looks up lora['k'] in the new call's None)
         stream = synthetic_val(h, bos_id, 4, h.global_ttt_chunk_tokens // 2 + 1).tokens
         global_sgd(model, stream.to(d.device), h, d, None, quiet, "warmup")
+        ttt_eval(model, fake, dataclasses.replace(h, phased_ttt_num_phases=0), solo, led, quiet)
     model.load_state_dict(initial)
 
 
@@ -2075,8 +2076,9 @@ def precompile_eval(model: GPT, h: Hyperparameters, d: Dist, bos_id: int):
     eval_warmup(model, h, d, bos_id)
     model.looping = False
     model.requires_grad_(True)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()  # peak_mem_mib reports training, not this warmup
+    if d.device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()  # peak_mem_mib reports training, not this warmup
 
 
 def final_evaluation(model: GPT, val: ValData, h: Hyperparameters, d: Dist, log, ledger) -> dict:

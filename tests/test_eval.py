@@ -51,7 +51,7 @@ def test_legality_selftest_catches_each_variant(variant, capsys):
     assert legality.main(["--variant", variant]) == 1
     out = capsys.readouterr().out
     assert "negative control works" in out, out
-    assert f"FAIL: " in out and legality.VARIANTS[variant] in out.split("FAIL: ")[-1]
+    assert "FAIL: " in out and legality.VARIANTS[variant] in out.split("FAIL: ")[-1]
 
 
 # ---- coverage: every target exactly once -------------------------------------------------------
@@ -235,6 +235,27 @@ def test_eval_only_scores_a_saved_artifact(tmp_path, monkeypatch):
     plain = tg.eval_val(model, val, CPU, h.slot_tokens)  # the loaded weights are the saved ones
     assert final["val_bpb_diagnostic"] == pytest.approx(plain.bpb, rel=1e-6)
     assert {"load", "eval_warmup", "eval_sliding", "eval_ttt"} <= set(final["timings"])
+
+
+def test_precompiled_eval_graphs_serve_a_fresh_model():
+    """main() compiles the eval graphs on the training model before training; the model built
+    from the artifact (a new instance) must reuse them all: its eval warmup compiles nothing.
+    Also guards the warmup order that torch 2.13 needs (global SGD before LoRA TTT)."""
+    h, d = tg.load_config({"SMOKE": "1"}), CPU
+    graphs = lambda: int(torch._dynamo.utils.counters["stats"]["unique_graphs"])  # noqa: E731
+    torch._dynamo.reset()
+    trained = tg.GPT(h, 1, "sdpa")
+    tg.compile_model(trained)
+    tg.precompile_eval(trained, h, d, 1)
+    assert not trained.looping and all(p.requires_grad for p in trained.parameters())
+    before = graphs()
+    fresh = tg.GPT(h, 1, "sdpa")
+    fresh.load_state_dict(trained.state_dict())
+    tg.compile_model(fresh)
+    tg.scoring_state(fresh, h)
+    tg.eval_warmup(fresh, h, d, 1)
+    assert before > 10 and graphs() == before
+    torch._dynamo.reset()
 
 
 def test_config_fields_and_old_names():

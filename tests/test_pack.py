@@ -1,7 +1,6 @@
 import base64
 import hashlib
 import lzma
-import os
 import subprocess
 import sys
 
