@@ -1,10 +1,12 @@
-import base64
+import ast
 import hashlib
 import lzma
 import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import pack
 
@@ -106,10 +108,10 @@ def test_check_detects_edited_loader(toy, tmp_path):
 
 
 def test_corrupted_payload_fails_loudly(toy, tmp_path):
-    packed = pack.pack_bytes(toy.read_bytes(), "toy_train.py").decode()
-    sha = hashlib.sha256(toy.read_bytes()).hexdigest()
+    packed = pack.pack_bytes(toy.read_bytes(), "toy_train.py")
+    sha = hashlib.sha256(toy.read_bytes()).hexdigest().encode()
     bad = tmp_path / "bad.py"
-    bad.write_text(packed.replace(sha, "0" * 64))
+    bad.write_bytes(packed.replace(sha, b"0" * 64))
     r = run([str(bad)], tmp_path)
     assert r.returncode != 0
     assert "sha256 mismatch" in r.stderr
@@ -131,6 +133,16 @@ def block_{i}(x, scale={i % 7 + 1}):
     assert pack.unpack_bytes(packed)[2] == src
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=600))
+def test_literal_chars_round_trip_any_bytes(data):
+    """Every byte value survives the Latin-1 literal, and the packed text has no NUL or CR/LF
+    inside the literal (Python would refuse or translate them)."""
+    text = pack.literal_chars(data)
+    assert not set(text) & {"\x00", "\n", "\r"}
+    assert ast.literal_eval('"' + text + '"').encode("latin-1") == data
+
+
 def test_rejects_non_utf8(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_bytes(b"x = '\xff'\n")
@@ -140,13 +152,12 @@ def test_rejects_non_utf8(tmp_path):
 def test_check_tolerates_other_lzma_output(toy, tmp_path):
     # A different liblzma build may emit different (still valid) compressed bytes.
     data = toy.read_bytes()
-    packed = pack.pack_bytes(data, "toy_train.py").decode()
-    name, sha, _ = pack.unpack_bytes(packed.encode())
+    packed = pack.pack_bytes(data, "toy_train.py").decode("latin-1")
     m = pack._FIELDS.search(packed)
-    other = base64.b85encode(lzma.compress(data, format=lzma.FORMAT_RAW,
-                                           filters=[{"id": lzma.FILTER_LZMA2, "preset": 1}])).decode()
+    other = pack.literal_chars(lzma.compress(data, format=lzma.FORMAT_RAW,
+                                             filters=[{"id": lzma.FILTER_LZMA2, "preset": 1}]))
     assert other != m["payload"]
     out = tmp_path / "packed.py"
-    out.write_text(packed.replace(m["payload"], other))
+    out.write_bytes(packed.replace(m["payload"], other).encode("latin-1"))
     assert pack.check(str(toy), str(out), "toy_train.py") == []
     assert run([str(out), "--help"], tmp_path).returncode == 0

@@ -2,7 +2,9 @@
 """Pack a readable training script into a small, deterministic, self-extracting loader.
 
 The packed file is what gets shipped and counted (code bytes = its size). It holds the
-readable source as lzma(raw, preset 9e) + base85, checks the embedded sha256, registers
+readable source as lzma(raw, preset 9e), written as the characters of a Latin-1 string
+literal (only backslash, quote, CR, LF and NUL escaped: ~2.5 % over the compressed size,
+where base85 costs 25 %; the file declares `coding: latin-1`), checks the embedded sha256, registers
 the text in `linecache` under the original file name (so tracebacks, `inspect.getsource`
 and torch.compile see real names and line numbers), and execs it as `__main__` with
 `__file__` = the packed file and `__source__` = the source text.
@@ -13,7 +15,7 @@ and torch.compile see real names and line numbers), and execs it as `__main__` w
 Stdlib only.
 """
 import argparse
-import base64
+import ast
 import hashlib
 import lzma
 import os
@@ -30,9 +32,10 @@ FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 # - sys.excepthook = traceback.print_exception: CPython <= 3.12's default hook reads source
 #   lines from disk, not from linecache, so it would show the packed file's lines.
 LOADER = """\
-import base64,hashlib,linecache,lzma,os,sys,traceback,types
+# -*- coding: latin-1 -*-
+import hashlib,linecache,lzma,os,sys,traceback,types
 N={name!r};H={sha!r}
-S=lzma.decompress(base64.b85decode("{payload}"),lzma.FORMAT_RAW,filters=[{{"id":lzma.FILTER_LZMA2,"preset":9|lzma.PRESET_EXTREME}}]).decode()
+S=lzma.decompress("{payload}".encode("latin-1"),lzma.FORMAT_RAW,filters=[{{"id":lzma.FILTER_LZMA2,"preset":9|lzma.PRESET_EXTREME}}]).decode()
 if hashlib.sha256(S.encode()).hexdigest()!=H:sys.exit(__file__+": embedded source sha256 mismatch; re-run tools/pack.py")
 linecache.cache[N]=(len(S),None,S.splitlines(True),N);sys.excepthook=traceback.print_exception
 m=types.ModuleType(__name__);m.__dict__.update(__file__=os.path.abspath(__file__),__source__=S,__builtins__=__builtins__)
@@ -41,7 +44,14 @@ sys.modules[__name__]=m;exec(compile(S,N,"exec"),m.__dict__)
 
 # Matches the fields written by LOADER; used by --check and by tools/package.py.
 _FIELDS = re.compile(r'N=(?P<name>\'[^\']*\'|"[^"]*");H=\'(?P<sha>[0-9a-f]{64})\'\n'
-                     r'S=lzma\.decompress\(base64\.b85decode\("(?P<payload>[^"]*)"\)')
+                     r'S=lzma\.decompress\("(?P<payload>(?:[^"\\]|\\.)*)"\.encode')
+# The bytes a Python string literal cannot hold as themselves (NUL: no NUL in source files).
+_ESCAPES = {0: "\\x00", 10: "\\n", 13: "\\r", 34: '\\"', 92: "\\\\"}
+
+
+def literal_chars(data):
+    """Bytes -> the inside of a string literal in a Latin-1 source file that evaluates to them."""
+    return "".join(_ESCAPES.get(b, chr(b)) for b in data)
 
 
 class PackError(Exception):
@@ -66,17 +76,16 @@ def pack_bytes(source, name):
     if "'" in name or "\n" in name:
         raise PackError(f"file name {name!r} must not contain quotes or newlines")
     compressed = lzma.compress(source, format=lzma.FORMAT_RAW, filters=FILTERS)
-    payload = base64.b85encode(compressed).decode("ascii")
     sha = hashlib.sha256(source).hexdigest()
-    return LOADER.format(name=name, sha=sha, payload=payload).encode("ascii")
+    return LOADER.format(name=name, sha=sha, payload=literal_chars(compressed)).encode("latin-1")
 
 
 def unpack_bytes(packed, where="packed file"):
     """Return (name, sha256, source bytes) embedded in a packed loader; verify the hash."""
-    m = _FIELDS.search(packed.decode("ascii", errors="replace"))
+    m = _FIELDS.search(packed.decode("latin-1"))
     if not m:
         raise PackError(f"{where}: not a file written by tools/pack.py")
-    compressed = base64.b85decode(m["payload"])
+    compressed = ast.literal_eval('"' + m["payload"] + '"').encode("latin-1")
     source = lzma.decompress(compressed, format=lzma.FORMAT_RAW, filters=FILTERS)
     if hashlib.sha256(source).hexdigest() != m["sha"]:
         raise PackError(f"{where}: embedded sha256 does not match the embedded source")
@@ -109,7 +118,7 @@ def check(source_path, packed_path, name):
 
 
 def _without_payload(packed):
-    return _FIELDS.sub(lambda m: m[0].replace(m["payload"], ""), packed.decode("ascii", "replace"))
+    return _FIELDS.sub(lambda m: m[0].replace(m["payload"], ""), packed.decode("latin-1"))
 
 
 def main(argv=None):
