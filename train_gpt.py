@@ -2334,6 +2334,21 @@ def setup(h: Hyperparameters):
     return spec, d, log, ledger, val, backend
 
 
+def compiled_graphs() -> int:
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def log_graphs(counts: list, log) -> dict:
+    """Graphs compiled by the warmups, inside the training clock, and after training (GPTQ
+    calibration's flex kernel, eval). Every compile after the warmups costs clock time."""
+    out = dict(warmup=counts[0], training=counts[1] - counts[0], after_training=counts[2] - counts[1])
+    log(f"compiled graphs: {out}")
+    if out["training"]:
+        log(f"WARNING: {out['training']} graphs compiled inside the training clock: a shape or flag "
+            "that compile_warmup does not cover")
+    return out
+
+
 def main():
     if "--help" in sys.argv[1:]:
         print(__doc__ + "\n" + config_help())
@@ -2358,7 +2373,9 @@ def main():
             precompile_eval(model, h, d, spec.bos_id)
     log(f"compile_warmup: train {ledger.seconds['compile_warmup']:.1f}s, eval "
         f"{ledger.seconds['compile_eval']:.1f}s (synthetic tokens, before the training clock)")
+    graphs = [compiled_graphs()]
     stats = train(model, h, d, spec, val, log)
+    graphs.append(compiled_graphs())
     if h.prequant_ttt_epochs:  # ILLEGAL research mode (C3): stamped in final_json
         with ledger.phase("prequant_ttt"):
             prequant_ttt(model, val, h, d, log)
@@ -2377,6 +2394,7 @@ def main():
                  **stats, **qstats, **acc)
     final.update(final_evaluation(qmodel, val, h, d, log, ledger))  # the score: diagnostic/sliding/TTT
     final["val_bpb_quant"] = final["val_bpb_diagnostic"]
+    final["compiled_graphs"] = log_graphs(graphs + [compiled_graphs()], log)
     if acc["artifact_bytes"] > ARTIFACT_CAP:
         final["legality"] = f"artifact {acc['artifact_bytes']} B over the {ARTIFACT_CAP} B cap"
     log("final_json " + json.dumps(final))

@@ -42,6 +42,8 @@ def test_smoke_run_end_to_end(smoke_dir, tmp_path):
     assert out["artifact_bytes"] == out["code_bytes"] + out["model_bytes"] < 16_000_000
     assert 0 < out["val_bpb_prequant"] < out["val_bpb_quant"] + 0.05 < 10
     assert "grad_accum 8 attention sdpa" in log  # CPU: SDPA with an explicit document mask
+    assert out["compiled_graphs"] == {"warmup": 0, "training": 0, "after_training": 0}  # eager on CPU
+    assert out["mlp_clip_sigmas_used"] == 11.5  # the smoke model fits: no requantization
 
 
 def test_packed_launcher_counts_itself(smoke_dir, tmp_path):
