@@ -2334,6 +2334,21 @@ def setup(h: Hyperparameters):
     return spec, d, log, ledger, val, backend
 
 
+# Loop-off tokens/s per GPU at the record configuration (flex attention, bench-pack shards):
+# bench/RESULTS.md. A run far below it is usually a throttled or shared GPU, not the code.
+REFERENCE_TOK_S = {"H100": 965_000}
+
+
+def throughput_check(stats: dict, h: Hyperparameters, world: int, gpu: str, log):
+    per_gpu = h.train_batch_tokens / world / stats["step_avg_ms_noloop"] * 1000
+    ref = next((v for k, v in REFERENCE_TOK_S.items() if k in gpu), None)
+    log(f"throughput: {per_gpu:,.0f} tok/s per GPU before the loop"
+        + (f" (reference {ref:,} on an {gpu} at the record configuration)" if ref else ""))
+    if ref and per_gpu < 0.8 * ref:
+        log(f"WARNING: throughput is {per_gpu / ref:.0%} of the reference: check GPU clocks "
+            "(nvidia-smi -q -d CLOCK), other processes on the GPUs, and the attention backend")
+
+
 def compiled_graphs() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
@@ -2376,6 +2391,8 @@ def main():
     graphs = [compiled_graphs()]
     stats = train(model, h, d, spec, val, log)
     graphs.append(compiled_graphs())
+    if d.device.type == "cuda":
+        throughput_check(stats, h, d.world_size, torch.cuda.get_device_name(d.device), log)
     if h.prequant_ttt_epochs:  # ILLEGAL research mode (C3): stamped in final_json
         with ledger.phase("prequant_ttt"):
             prequant_ttt(model, val, h, d, log)

@@ -73,3 +73,15 @@ def test_attn_backend_choice_is_checked():
     for gpu_only in ("fa3", "varlen", "flex"):  # asked for explicitly: an error, never a silent swap
         with pytest.raises(RuntimeError, match=f"ATTN_BACKEND={gpu_only}"):
             tg.pick_attention_backend(cpu, gpu_only)
+
+
+def test_throughput_check_warns_only_well_below_the_reference():
+    h, lines = tg.load_config({}), []
+    ref = tg.REFERENCE_TOK_S["H100"]
+    ms_at = lambda frac: h.train_batch_tokens / (frac * ref) * 1000 / 8  # noqa: E731 (8 GPUs)
+    tg.throughput_check({"step_avg_ms_noloop": ms_at(0.95)}, h, 8, "NVIDIA H100 80GB HBM3", lines.append)
+    assert "reference 965,000" in lines[0] and len(lines) == 1
+    tg.throughput_check({"step_avg_ms_noloop": ms_at(0.5)}, h, 8, "NVIDIA H100 80GB HBM3", lines.append)
+    assert lines[-1].startswith("WARNING: throughput is 50%")
+    tg.throughput_check({"step_avg_ms_noloop": ms_at(0.5)}, h, 8, "NVIDIA A100", lines.append)
+    assert "reference" not in lines[-1] and not lines[-1].startswith("WARNING")
