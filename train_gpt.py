@@ -701,15 +701,12 @@ def attention(q, k, v, seg, backend: str, max_len: int):
     return y.transpose(1, 2)
 
 
-ATTN_BACKENDS = {"fa3": lambda: flash_attn_varlen_func, "varlen": lambda: varlen_attn,
-                 "flex": lambda: flex_attention, "sdpa": lambda: True}
-
-
 def pick_attention_backend(device: torch.device, choice: str = "auto") -> str:
     """auto: FA3 when importable, else flex on GPU; sdpa (an explicit mask) on CPU."""
     if choice == "auto":
         return "sdpa" if device.type != "cuda" else "fa3" if flash_attn_varlen_func else "flex"
-    if ATTN_BACKENDS[choice]() is None or (choice != "sdpa" and device.type != "cuda"):
+    kernel = {"fa3": flash_attn_varlen_func, "varlen": varlen_attn, "flex": flex_attention}
+    if kernel.get(choice, True) is None or (choice != "sdpa" and device.type != "cuda"):
         raise RuntimeError(f"ATTN_BACKEND={choice} is not available here (torch {torch.__version__}, "
                            f"{device.type}); use auto")
     return choice
@@ -2268,7 +2265,7 @@ def quantize_fit(sd: dict, hess: dict, h, budget: int, log, ledger) -> tuple:
         with ledger.phase("gptq_quantize"):
             qstate, _ = quantize_state_dict(sd, hess, h, log)
         with ledger.phase("serialize"):
-            blob = serialize({k: v.cpu() if torch.is_tensor(v) else v for k, v in qstate.items()}, h)
+            blob = serialize(qstate, h)  # stored_bytes moves every tensor to the CPU
         over = len(blob) - budget
         if over <= 0 or not h.fit_to_cap or not n_mlp or attempt == FIT_TRIES:
             return blob, h.mlp_clip_sigmas

@@ -32,10 +32,6 @@ def synthetic_docs(n_tokens: int, vocab: int, seed: int = 0) -> tg.ValData:
     return tg.ValData(torch.from_numpy(toks).long(), torch.ones(toks.size - 1, dtype=torch.long), 1)
 
 
-def graph_count() -> int:
-    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
-
-
 def main():
     n_tokens = int(os.environ.pop("BENCH_EVAL_TOKENS", "300000"))
     prefix = os.environ.pop("BENCH_EVAL_PREFIX", "60")
@@ -56,7 +52,7 @@ def main():
         f"TTT chunk steps {steps}, attention {backend}, world {d.world_size}")
     t0 = time.perf_counter()
     tg.precompile_eval(trained, h, d, 1)  # what main() does before training
-    pre_s, pre_graphs = time.perf_counter() - t0, graph_count()
+    pre_s, pre_graphs = time.perf_counter() - t0, tg.compiled_graphs()
     log(f"precompile_eval: {pre_s:.1f}s, {pre_graphs} graphs", flush=True)
     model = tg.GPT(h, 1, backend).to(d.device)  # a fresh instance, as load_artifact builds
     model.load_state_dict(trained.state_dict())
@@ -66,7 +62,7 @@ def main():
     if not d.is_main:
         return
     print(f"final_evaluation {time.perf_counter() - t0:.1f}s; graphs compiled after precompile_eval: "
-          f"{graph_count() - pre_graphs} (should be 0)")
+          f"{tg.compiled_graphs() - pre_graphs} (should be 0)")
     print(f"TTT: {1000 * out['eval_time_s'] * d.world_size / steps:.1f} ms per chunk step per GPU (incl. global SGD); "
           f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     print({k: out[k] for k in ("val_bpb", "val_bpb_sliding", "val_bpb_diagnostic", "legality",

@@ -242,19 +242,18 @@ def test_precompiled_eval_graphs_serve_a_fresh_model():
     from the artifact (a new instance) must reuse them all: its eval warmup compiles nothing.
     Also guards the warmup order that torch 2.13 needs (global SGD before LoRA TTT)."""
     h, d = tg.load_config({"SMOKE": "1"}), CPU
-    graphs = lambda: int(torch._dynamo.utils.counters["stats"]["unique_graphs"])  # noqa: E731
     torch._dynamo.reset()
     trained = tg.GPT(h, 1, "sdpa")
     tg.compile_model(trained)
     tg.precompile_eval(trained, h, d, 1)
     assert not trained.looping and all(p.requires_grad for p in trained.parameters())
-    before = graphs()
+    before = tg.compiled_graphs()
     fresh = tg.GPT(h, 1, "sdpa")
     fresh.load_state_dict(trained.state_dict())
     tg.compile_model(fresh)
     tg.scoring_state(fresh, h)
     tg.eval_warmup(fresh, h, d, 1)
-    assert before > 10 and graphs() == before
+    assert before > 10 and tg.compiled_graphs() == before
     torch._dynamo.reset()
 
 

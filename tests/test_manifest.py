@@ -63,11 +63,14 @@ def test_refuses_missing_sidecar(data):
         load(env)
 
 
+def rewrite_sidecar(d: str, change):
+    path = os.path.join(d, "fineweb_val_bytes_000000.bin")
+    common.write_shard(path, change(np.array(train_gpt.read_shard(path))))
+
+
 def test_refuses_sidecar_of_wrong_length(data):
     d, env = data
-    path = os.path.join(d, "fineweb_val_bytes_000000.bin")
-    side = np.array(train_gpt.read_shard(path))
-    common.write_shard(path, side[:-1])
+    rewrite_sidecar(d, lambda side: side[:-1])
     with pytest.raises(train_gpt.DataError, match="byte sidecar .* has"):
         load(env)
 
@@ -93,16 +96,13 @@ def test_refuses_corrupt_shard(data):
         load(env)
 
 
-# Known gaps in train_gpt.py, reported to its owner. strict=True: once fixed these start to pass
-# and pytest reports XPASS as a failure, so the marker gets removed with the fix.
+# Two former gaps of train_gpt.py, fixed: a sidecar with the right length but wrong values, and a
+# train document split across shard boundaries that repeats a val document.
 
 
 def test_scorer_refuses_sidecar_with_wrong_values(data):
     d, env = data
-    path = os.path.join(d, "fineweb_val_bytes_000000.bin")
-    side = np.array(train_gpt.read_shard(path))
-    side[5] += 1
-    common.write_shard(path, side)
+    rewrite_sidecar(d, lambda side: side + (np.arange(side.size) == 5))
     with pytest.raises(train_gpt.DataError):
         load(env)
 

@@ -140,12 +140,16 @@ def test_non_record_is_stamped_not_refused(repo, capsys):
     assert "NON-RECORD" in (folder(repo) / "README.md").read_text()
 
 
-def test_dry_run_failure_exits_2(repo, capsys):
-    bad = TOY.replace("return 0", "return 5")
-    (repo["root"] / "train_gpt.py").write_text(bad)
-    packed = pack.pack_bytes(bad.encode(), "train_gpt.py")
+def install_source(repo, text: str):
+    """Replace the repo's readable and packed train_gpt.py with `text`."""
+    (repo["root"] / "train_gpt.py").write_text(text)
+    packed = pack.pack_bytes(text.encode(), "train_gpt.py")
     (repo["root"] / "out" / "train_gpt.py").write_bytes(packed)
-    repo.update(sha=hashlib.sha256(bad.encode()).hexdigest(), packed_size=len(packed))
+    repo.update(sha=hashlib.sha256(text.encode()).hexdigest(), packed_size=len(packed))
+
+
+def test_dry_run_failure_exits_2(repo, capsys):
+    install_source(repo, TOY.replace("return 0", "return 5"))
     assert run_package(repo, repo["make"](), "--dry-run-cmd") == 2
     assert "exited 5" in capsys.readouterr().err
 
@@ -169,10 +173,6 @@ def test_check_imports_flags_violations(tmp_path):
 
 
 def test_check_imports_rejected_at_package_time(repo, capsys):
-    bad = TOY.replace("import torch\n", "import torch\nimport my_helpers\n")
-    (repo["root"] / "train_gpt.py").write_text(bad)
-    packed = pack.pack_bytes(bad.encode(), "train_gpt.py")
-    (repo["root"] / "out" / "train_gpt.py").write_bytes(packed)
-    repo.update(sha=hashlib.sha256(bad.encode()).hexdigest(), packed_size=len(packed))
+    install_source(repo, TOY.replace("import torch\n", "import torch\nimport my_helpers\n"))
     assert run_package(repo, repo["make"]()) == 2
     assert "my_helpers" in capsys.readouterr().err

@@ -33,7 +33,9 @@ def trained_like(rows, cols, seed=0):
     W = torch.randn(rows, cols, generator=g) * 0.02
     W *= torch.exp(0.3 * torch.randn(rows, 1, generator=g))
     W *= torch.exp(0.3 * torch.randn(1, cols, generator=g))
-    heavy = torch.distributions.StudentT(2.5).sample((4, cols)) * 0.02
+    with torch.random.fork_rng():  # StudentT takes no generator: seed it without touching the caller's RNG
+        torch.manual_seed(seed)
+        heavy = torch.distributions.StudentT(2.5).sample((4, cols)) * 0.02
     W[: 4] = heavy
     return W
 
