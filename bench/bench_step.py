@@ -4,6 +4,7 @@
   BENCH_BATCHES=786432 BENCH_STEPS=10 python bench/bench_step.py
   BENCH_DATA=/tmp/bench_caseops python bench/bench_step.py   # real shards instead of random tokens
   ATTN_BACKEND=varlen python bench/bench_step.py            # one backend (default: what auto picks)
+  FUSED_MLP=0 python bench/bench_step.py                    # A/B: the MLP without the Triton kernel
 
 Prints compile time, ms/step with the loop off and on, tokens/s and peak memory per batch size,
 plus a parity check of the compiled flex-attention document mask against an SDPA reference.
@@ -89,6 +90,8 @@ def main():
     d = tg.Dist(0, 1, 0, torch.device("cuda", 0))
     torch.backends.cuda.matmul.allow_tf32 = True
     backend = tg.pick_attention_backend(d.device, os.environ.get("ATTN_BACKEND", "auto"))
+    if os.environ.get("FUSED_MLP") == "0":
+        tg.use_fused_mlp = lambda n, hidden: False
     print(torch.__version__, torch.cuda.get_device_name(0), "attention:", backend)
     parity_check(d.device, backend)
     steps = int(os.environ.get("BENCH_STEPS", "6"))

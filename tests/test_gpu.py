@@ -1,0 +1,89 @@
+"""GPU kernels of train_gpt.py against plain PyTorch: the fused LeakyReLU(0.5)^2 MLP (Triton) and
+flex attention with the tuned kernel options. Skipped without CUDA; run on the device with
+`python -m pytest tests/test_gpu.py` (results in bench/RESULTS.md)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_gpt as tg
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or tg.triton is None,
+                                reason="needs a CUDA GPU and Triton")
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def mlp_ref(x, w1, w2):
+    return F.leaky_relu(x @ w1.T, 0.5).square() @ w2.T
+
+
+def mlp_inputs(M, seed=0):
+    torch.manual_seed(seed)
+    x = torch.randn(M, 512, device="cuda", requires_grad=True)
+    w1 = (torch.randn(2048, 512, device="cuda") / 512**0.5).requires_grad_()
+    w2 = (torch.randn(512, 2048, device="cuda") / 2048**0.5).requires_grad_()
+    return x, w1, w2
+
+
+def grads(fn, x, w1, w2, g):
+    """Output and input/weight gradients of fn at bf16 copies of (x, w1, w2)."""
+    leaves = [t.detach().bfloat16().requires_grad_() for t in (x, w1, w2)]
+    y = fn(*leaves)
+    y.backward(g.to(y.dtype))
+    return [y] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("M", [4096, 1000])  # 1000: rows not a multiple of the 128-row tile
+def test_fused_mlp_matches_fp32_reference_as_well_as_unfused_bf16(M):
+    x, w1, w2 = mlp_inputs(M)
+    g = torch.randn(M, 512, device="cuda")
+    ref = [mlp_ref(x, w1, w2)]
+    ref[0].backward(g)
+    ref += [x.grad, w1.grad, w2.grad]
+    fused = grads(tg.FusedMLP.apply, x, w1, w2, g)
+    plain = grads(mlp_ref, x, w1, w2, g)
+    for name, r, f, p in zip(("out", "dx", "dw1", "dw2"), ref, fused, plain):
+        assert rel(f, r) < 1.5 * rel(p, r) + 1e-3, (name, rel(f, r), rel(p, r))
+
+
+def test_compiled_training_mlp_uses_the_fused_kernel_and_matches_eval():
+    h = tg.load_config({})
+    mlp = tg.MLP(h).cuda()
+    with torch.no_grad():
+        mlp.proj.weight.normal_(0, 0.02)
+    n = torch.randn(2, 640, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    assert tg.use_fused_mlp(n, 2048)
+    out = []
+    for fn in (torch.compile(mlp, fullgraph=True, dynamic=False), mlp):  # compiled, then eager
+        n.grad = mlp.fc.weight.grad = None
+        y = fn(n)
+        y.float().square().sum().backward()
+        out.append((y, n.grad, mlp.fc.weight.grad))
+    with torch.no_grad():
+        assert not tg.use_fused_mlp(n, 2048)  # eval and GPTQ hooks take the plain ops
+        y_eval = mlp(n)
+    assert rel(out[0][0], y_eval) < 1e-2
+    for a, b in zip(*out):  # the compiled graph runs the same kernels as the eager call
+        assert rel(a, b) < 1e-3 and b.norm() > 0
+
+
+def test_flex_with_tuned_options_matches_sdpa_forward_and_backward():
+    torch.manual_seed(0)
+    idx = torch.randint(4, 100, (1, 4096), device="cuda")
+    idx[torch.rand_like(idx, dtype=torch.float) < 1 / 700] = 1
+    seg = tg.segment_ids(idx, 1, 2048)
+    q = torch.randn(1, 4096, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(1, 4096, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(2))
+    g = torch.randn_like(q)
+    out = []
+    for backend, s in (("flex", tg.flex_doc_mask(seg)), ("sdpa", seg)):
+        for t in (q, k, v):
+            t.grad = None
+        y = tg.attention(q, k, v, s, backend, 2048)
+        y.backward(g)
+        out.append([y, q.grad.clone(), k.grad.clone(), v.grad.clone()])
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *out):
+        assert rel(a, b) < 2e-2, (name, rel(a, b))
