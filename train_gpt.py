@@ -800,7 +800,7 @@ if triton is not None:
         persistent, so one tile's epilogue overlaps the next tile's loads. Forward (C = x W1^T):
         store pre = C and out = LeakyReLU(pre, 0.5)^2 from the bf16 pre, as the unfused path
         rounds it. GRAD (C = dout W2): store out = C * act'(pre), act'(u) = 2u (u > 0) or 0.5u.
-        (TMA descriptors would be faster, but torch 2.11's compile then returned garbage.)"""
+        (A TMA-descriptor version was no faster, and torch 2.11's compile returned garbage for it.)"""
         n_blocks = N // BN
         for tile in tl.range(tl.program_id(0), tl.cdiv(M, BM) * n_blocks, SMS, flatten=True):
             rm = (tile // n_blocks) * BM + tl.arange(0, BM)

@@ -5,6 +5,7 @@
   BENCH_DATA=/tmp/bench_caseops python bench/bench_step.py   # real shards instead of random tokens
   ATTN_BACKEND=varlen python bench/bench_step.py            # one backend (default: what auto picks)
   FUSED_MLP=0 python bench/bench_step.py                    # A/B: the MLP without the Triton kernel
+  FLEX_DEFAULTS=1 python bench/bench_step.py                # A/B: torch's flex tiles, not FLEX_OPTIONS
 
 Prints compile time, ms/step with the loop off and on, tokens/s and peak memory per batch size,
 plus a parity check of the compiled flex-attention document mask against an SDPA reference.
@@ -92,6 +93,8 @@ def main():
     backend = tg.pick_attention_backend(d.device, os.environ.get("ATTN_BACKEND", "auto"))
     if os.environ.get("FUSED_MLP") == "0":
         tg.use_fused_mlp = lambda n, hidden: False
+    if os.environ.get("FLEX_DEFAULTS") == "1":
+        tg.FLEX_OPTIONS.clear()
     print(torch.__version__, torch.cuda.get_device_name(0), "attention:", backend)
     parity_check(d.device, backend)
     steps = int(os.environ.get("BENCH_STEPS", "6"))
