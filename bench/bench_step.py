@@ -6,6 +6,7 @@
   ATTN_BACKEND=varlen python bench/bench_step.py            # one backend (default: what auto picks)
   FUSED_MLP=0 python bench/bench_step.py                    # A/B: the MLP without the Triton kernel
   FLEX_DEFAULTS=1 python bench/bench_step.py                # A/B: torch's flex tiles, not FLEX_OPTIONS
+  BENCH_LOOP=1 python bench/bench_step.py                   # + the training loop's per-step clock and EMA
 
 Prints compile time, ms/step with the loop off and on, tokens/s and peak memory per batch size,
 plus a parity check of the compiled flex-attention document mask against an SDPA reference.
@@ -80,6 +81,17 @@ def bench(batch_tokens: int, steps: int, d, backend: str):
             opt.zero_grad()
         torch.cuda.synchronize()
         out[looping] = 1000 * (time.perf_counter() - t0) / steps
+    if os.environ.get("BENCH_LOOP") == "1":  # what train() adds per step: the clock sync, EMA
+        model.looping, ema, clock = False, tg.EMA(model, h.ema_decay), tg.Clock(d)
+        for extras in ("clock", "clock+ema"):
+            batches = [next_batch() for _ in range(steps)]
+            t0 = time.perf_counter()
+            for b in batches:
+                tg.forward_backward(model, b); opt.step(1.0, 0.95); opt.zero_grad()
+                ema.update() if extras == "clock+ema" else None
+                clock.elapsed_ms()
+            torch.cuda.synchronize()
+            print(f"loop off with {extras} per step: {1000 * (time.perf_counter() - t0) / steps:.1f} ms")
     peak = torch.cuda.max_memory_allocated() / 2**30
     print(f"batch {batch_tokens} {backend} ({'bench-pack' if data else 'synthetic'} tokens): "
           f"compile+warmup {compile_s:.1f}s | ms/step loop-off {out[False]:.1f} "
