@@ -843,6 +843,44 @@ if triton is not None:
         dpre = torch.empty_like(pre)
         launch_mlp_act(g.contiguous(), w2.T.contiguous(), pre, dpre, grad=True)
         return dpre
+
+    @triton.jit
+    def softcap_ce_rows(x, tgt, nll, lse, dnll, dx, V, C: tl.constexpr, BV: tl.constexpr,
+                        GRAD: tl.constexpr):
+        """One row of logits x per program: z = C tanh(x / C) = C (2 s - 1) with s = sigmoid(2x / C).
+        Forward: lse = logsumexp(z), nll = lse - z[target]. GRAD: dx = dnll (softmax(z) - onehot)
+        * dz/dx, with dz/dx = 1 - tanh^2 = 4 s (1 - s)."""
+        row, cols = tl.program_id(0).to(tl.int64), tl.arange(0, BV)
+        keep, target = cols < V, tl.load(tgt + row)
+        s = tl.sigmoid(2 * tl.load(x + row * V + cols, mask=keep, other=0.0).to(tl.float32) / C)
+        z = tl.where(keep, C * (2 * s - 1), -float("inf"))
+        if GRAD:
+            p = tl.exp(z - tl.load(lse + row))
+            dz = (p - (cols == target).to(tl.float32)) * tl.load(dnll + row)
+            tl.store(dx + row * V + cols, (dz * 4 * s * (1 - s)).to(dx.dtype.element_ty), mask=keep)
+        else:
+            m = tl.max(z, 0)
+            total = m + tl.log(tl.sum(tl.exp(z - m), 0))
+            tl.store(lse + row, total)
+            tl.store(nll + row, total - tl.sum(tl.where(cols == target, z, 0.0), 0))
+
+    def launch_softcap_ce(x, tgt, nll, lse, dnll, dx, softcap: float, grad: bool):
+        wrap_triton(softcap_ce_rows)[(x.size(0),)](x, tgt, nll, lse, dnll, dx, x.size(1), C=softcap,
+                                                  BV=triton.next_power_of_2(x.size(1)), GRAD=grad, num_warps=8)
+
+    @triton_op("pgolf::softcap_ce", mutates_args=())
+    def softcap_ce(x: torch.Tensor, tgt: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+        nll = x.new_empty(x.size(0), dtype=torch.float32)
+        lse = torch.empty_like(nll)
+        launch_softcap_ce(x.contiguous(), tgt.contiguous(), nll, lse, lse, nll, softcap, grad=False)  # unused: dnll, dx
+        return nll, lse
+
+    @triton_op("pgolf::softcap_ce_grad", mutates_args=())
+    def softcap_ce_grad(dnll: torch.Tensor, x: torch.Tensor, tgt: torch.Tensor, lse: torch.Tensor,
+                        softcap: float) -> torch.Tensor:
+        dx = torch.empty_like(x)
+        launch_softcap_ce(x.contiguous(), tgt.contiguous(), dx, lse, dnll.contiguous(), dx, softcap, grad=True)
+        return dx
 MLP_TILE = (128, 256, 64, 8, 3)  # BM, BN, BK, warps, stages of mlp_act_matmul (bench/bench_mlp.py)
 
 
@@ -863,11 +901,14 @@ class FusedMLP(torch.autograd.Function):
         return dpre @ w1, dpre.T @ x, g.T @ post
 
 
+def use_fused_kernels(x: torch.Tensor) -> bool:
+    """Triton kernels (MLP, CE) for gradient-taking bf16 calls on the GPU (training, TTT); plain ops
+    elsewhere (same math), so GPTQ's input hooks on fc/proj see every no-grad calibration call."""
+    return triton is not None and x.is_cuda and x.dtype == torch.bfloat16 and torch.is_grad_enabled()
+
+
 def use_fused_mlp(n: torch.Tensor, hidden: int) -> bool:
-    """Fused kernel for gradient-taking bf16 calls on the GPU (training, TTT); plain ops elsewhere,
-    so GPTQ's input hooks on fc/proj see every no-grad calibration call."""
-    return (triton is not None and n.is_cuda and n.dtype == torch.bfloat16 and torch.is_grad_enabled()
-            and hidden % MLP_TILE[1] == 0 and n.size(-1) % MLP_TILE[2] == 0)
+    return use_fused_kernels(n) and hidden % MLP_TILE[1] == 0 and n.size(-1) % MLP_TILE[2] == 0
 
 
 class MLP(nn.Module):
@@ -922,11 +963,30 @@ def final_norm(lane0, lane1):
     return rms_norm(0.5 * (lane0 + lane1))
 
 
+class SoftcapCE(torch.autograd.Function):
+    """Per-row NLL of softcapped logits in one Triton pass over the bf16 logits, forward and
+    backward (the record's fused CE): no fp32 copy of the [rows, vocab] logits is stored."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, softcap: float):
+        nll, lse = torch.ops.pgolf.softcap_ce(logits, targets, softcap)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.softcap = softcap
+        return nll
+
+    @staticmethod
+    def backward(ctx, g):
+        logits, targets, lse = ctx.saved_tensors
+        return torch.ops.pgolf.softcap_ce_grad(g, logits, targets, lse, ctx.softcap), None, None
+
+
 def softcap_nll(hidden, weight, targets, softcap: float, head_delta=None):
     """Per-token NLL (fp32) of the full softmax over softcapped tied-embedding logits."""
     logits = F.linear(hidden, weight.to(hidden.dtype))
     if head_delta is not None:
         logits = logits + head_delta
+    if use_fused_kernels(logits):
+        return SoftcapCE.apply(logits.flatten(0, 1), targets.flatten(), float(softcap)).view_as(targets)
     logits = softcap * torch.tanh(logits.float() / softcap)
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 
@@ -2427,7 +2487,7 @@ def setup(h: Hyperparameters):
 
 # Loop-off tokens/s per GPU at the record configuration (flex attention, bench-pack shards):
 # bench/RESULTS.md. A run far below it is usually a throttled or shared GPU, not the code.
-REFERENCE_TOK_S = {"H100": 1_006_000}
+REFERENCE_TOK_S = {"H100": 1_040_000}
 
 
 def throughput_check(stats: dict, h: Hyperparameters, world: int, gpu: str, log):

@@ -1,5 +1,5 @@
-"""GPU kernels of train_gpt.py against plain PyTorch: the fused LeakyReLU(0.5)^2 MLP (Triton) and
-flex attention with the tuned kernel options. Skipped without CUDA; run on the device with
+"""GPU kernels of train_gpt.py against plain PyTorch: the fused LeakyReLU(0.5)^2 MLP and softcapped
+cross-entropy (Triton), and flex attention with the tuned kernel options. Skipped without CUDA; run on the device with
 `python -m pytest tests/test_gpu.py` (results in bench/RESULTS.md)."""
 import pytest
 import torch
@@ -87,3 +87,38 @@ def test_flex_with_tuned_options_matches_sdpa_forward_and_backward():
         out.append([y, q.grad.clone(), k.grad.clone(), v.grad.clone()])
     for name, a, b in zip(("out", "dq", "dk", "dv"), *out):
         assert rel(a, b) < 2e-2, (name, rel(a, b))
+
+
+def plain_softcap_nll(logits, targets, softcap=30.0):
+    z = softcap * torch.tanh(logits.float() / softcap)
+    return F.cross_entropy(z, targets, reduction="none")
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fused_softcap_ce_matches_plain_forward_and_backward(compiled):
+    torch.manual_seed(0)
+    logits = (torch.randn(1000, 8192, device="cuda") * 20).bfloat16()
+    targets = torch.randint(0, 8192, (1000,), device="cuda")
+    g = torch.rand(1000, device="cuda")
+    ref = logits.float().requires_grad_()
+    plain_softcap_nll(ref, targets).backward(g)
+    fn = torch.compile(tg.SoftcapCE.apply, fullgraph=True) if compiled else tg.SoftcapCE.apply
+    x = logits.clone().requires_grad_()
+    assert tg.use_fused_kernels(x)
+    nll = fn(x, targets, 30.0)
+    nll.backward(g)
+    assert nll.dtype == torch.float32
+    assert rel(nll, plain_softcap_nll(logits, targets)) < 1e-5
+    assert x.grad.dtype == torch.bfloat16 and rel(x.grad, ref.grad) < 1e-2
+
+
+def test_model_loss_uses_fused_ce_when_taking_gradients():
+    h = tg.load_config({})
+    hidden = torch.randn(1, 512, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(8192, 512, device="cuda") * 0.05
+    targets = torch.randint(0, 8192, (1, 512), device="cuda")
+    fused = tg.softcap_nll(hidden, weight, targets, h.logit_softcap)
+    with torch.no_grad():
+        plain = tg.softcap_nll(hidden, weight, targets, h.logit_softcap)
+    assert fused.shape == plain.shape == targets.shape and rel(fused, plain) < 1e-5
+    assert "SoftcapCE" in type(fused.grad_fn.next_functions[0][0]).__name__  # under the view_as
