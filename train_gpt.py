@@ -878,8 +878,8 @@ if triton is not None:
     @triton_op("pgolf::softcap_ce_grad", mutates_args=())
     def softcap_ce_grad(dnll: torch.Tensor, x: torch.Tensor, tgt: torch.Tensor, lse: torch.Tensor,
                         softcap: float) -> torch.Tensor:
-        dx = torch.empty_like(x)
         x, tgt, dnll = x.contiguous(), tgt.contiguous(), dnll.contiguous()
+        dx = torch.empty_like(x)
         launch_softcap_ce(x, tgt, dx, lse, dnll, dx, softcap, grad=True)  # nll unused
         return dx
 MLP_TILE = (128, 256, 64, 8, 3)  # BM, BN, BK, warps, stages of mlp_act_matmul (bench/bench_mlp.py)
