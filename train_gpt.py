@@ -899,7 +899,8 @@ class FusedMLP(torch.autograd.Function):
     def backward(ctx, g):
         x, w1, w2, pre, post = ctx.saved_tensors
         dpre = torch.ops.pgolf.mlp_up_grad(g, w2, pre)
-        return dpre @ w1, dpre.T @ x, g.T @ post
+        need = ctx.needs_input_grad  # TTT freezes the weights: skip their two matmuls
+        return dpre @ w1, dpre.T @ x if need[1] else None, g.T @ post if need[2] else None
 
 
 def use_fused_kernels(x: torch.Tensor) -> bool:

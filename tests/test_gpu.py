@@ -48,6 +48,17 @@ def test_fused_mlp_matches_fp32_reference_as_well_as_unfused_bf16(M):
         assert rel(f, r) < 1.5 * rel(p, r) + 1e-3, (name, rel(f, r), rel(p, r))
 
 
+def test_fused_mlp_with_frozen_weights_returns_only_the_input_gradient():
+    """LoRA TTT freezes the base weights: the kernel's backward then skips dW1 and dW2."""
+    x, w1, w2 = mlp_inputs(512)
+    g = torch.randn(512, 512, device="cuda")
+    xb = x.detach().bfloat16().requires_grad_()
+    w1b, w2b = w1.detach().bfloat16(), w2.detach().bfloat16()
+    tg.FusedMLP.apply(xb, w1b, w2b).backward(g.bfloat16())
+    ref = grads(mlp_ref, x, w1, w2, g)[1]
+    assert w1b.grad is None and w2b.grad is None and rel(xb.grad, ref) < 1e-2
+
+
 def test_compiled_training_mlp_uses_the_fused_kernel_and_matches_eval():
     h = tg.load_config({})
     mlp = tg.MLP(h).cuda()
