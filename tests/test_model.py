@@ -169,3 +169,61 @@ def test_flex_block_mask_matches_dense_mask():
         bm = tg.flex_doc_mask(seg)
         assert torch.equal(bm.to_dense(), ref.to_dense())
         assert torch.equal(bm.full_kv_num_blocks, ref.full_kv_num_blocks)
+
+
+@pytest.fixture(scope="module")
+def reference_kernel_ops():
+    """CPU stand-ins for the Triton ops (same signatures, plain math), so the autograd wiring of
+    FusedMLP and SoftcapCE is checked here; the kernels themselves are in tests/test_gpu.py."""
+    if tg.triton is not None:
+        pytest.skip("Triton present: the real ops are registered and tested in tests/test_gpu.py")
+    F = torch.nn.functional
+
+    @torch.library.custom_op("pgolf::mlp_up", mutates_args=())
+    def mlp_up(x: torch.Tensor, w1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pre = x @ w1.T
+        return pre, F.leaky_relu(pre, 0.5).square()
+
+    @torch.library.custom_op("pgolf::mlp_up_grad", mutates_args=())
+    def mlp_up_grad(g: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+        return (g @ w2) * torch.where(pre > 0, 2 * pre, 0.5 * pre)
+
+    @torch.library.custom_op("pgolf::softcap_ce", mutates_args=())
+    def softcap_ce(x: torch.Tensor, tgt: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+        z = softcap * torch.tanh(x / softcap)
+        lse = torch.logsumexp(z, -1)
+        return lse - z.gather(1, tgt[:, None])[:, 0], lse
+
+    @torch.library.custom_op("pgolf::softcap_ce_grad", mutates_args=())
+    def softcap_ce_grad(dnll: torch.Tensor, x: torch.Tensor, tgt: torch.Tensor, lse: torch.Tensor,
+                        softcap: float) -> torch.Tensor:
+        t = torch.tanh(x / softcap)
+        p = torch.exp(softcap * t - lse[:, None])
+        p[torch.arange(len(tgt)), tgt] -= 1
+        return p * dnll[:, None] * (1 - t * t)
+
+
+def test_fused_mlp_backward_formulas_and_frozen_weights(reference_kernel_ops):
+    torch.manual_seed(0)
+    x, w1, w2 = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((64, 32), (128, 32), (32, 128)))
+    g = torch.randn(64, 32, dtype=torch.float64)
+    ref = torch.nn.functional.leaky_relu(x @ w1.T, 0.5).square() @ w2.T
+    y = tg.FusedMLP.apply(x, w1, w2)
+    assert torch.allclose(y, ref)
+    want = torch.autograd.grad(ref, (x, w1, w2), g)
+    for a, b in zip(torch.autograd.grad(y, (x, w1, w2), g), want):
+        assert torch.allclose(a, b)
+    xf = x.detach().requires_grad_()
+    w1f, w2f = w1.detach(), w2.detach()
+    tg.FusedMLP.apply(xf, w1f, w2f).backward(g)  # frozen weights (LoRA TTT): input grad only
+    assert torch.allclose(xf.grad, want[0]) and w1f.grad is None
+
+
+def test_softcap_ce_backward_matches_autograd_of_the_plain_loss(reference_kernel_ops):
+    torch.manual_seed(0)
+    x = (torch.randn(50, 40, dtype=torch.float64) * 20).requires_grad_()
+    t, g = torch.randint(0, 40, (50,)), torch.rand(50, dtype=torch.float64)
+    ref = torch.nn.functional.cross_entropy(30 * torch.tanh(x / 30), t, reduction="none")
+    y = tg.SoftcapCE.apply(x, t, 30.0)
+    assert torch.allclose(y, ref)
+    assert torch.allclose(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0])
