@@ -2404,8 +2404,8 @@ def log_header(log, h: Hyperparameters, d: Dist, spec: DataSpec, val: ValData, b
     log(f"data: variant {spec.variant} byte_source {spec.byte_source} train_shards "
         f"{len(spec.train_files)} val_tokens {val.tokens.numel()} val_targets {val.num_targets} "
         f"val_bytes {int(val.target_bytes.sum())} manifest_sha256 {spec.manifest_sha256[:16]}")
-    mlp = "fused Triton kernel when taking gradients" if triton is not None and d.device.type == "cuda" else "unfused"
-    log(f"world_size {d.world_size} grad_accum {d.grad_accum} attention {backend} mlp {mlp}")
+    fused = "Triton (MLP, CE) when taking gradients" if triton is not None and d.device.type == "cuda" else "none"
+    log(f"world_size {d.world_size} grad_accum {d.grad_accum} attention {backend} fused kernels {fused}")
     if d.device.type == "cuda" and backend != "fa3":
         log("!" * 100 + "\n!!! FlashAttention-3 (flash_attn_interface) is not used: attention runs on "
             f"PyTorch's {backend} path.\n!!! Same math, slower steps: fewer steps fit the cap, so the "

@@ -11,7 +11,6 @@
 Prints compile time, ms/step with the loop off and on, tokens/s and peak memory per batch size,
 plus a parity check of the compiled flex-attention document mask against an SDPA reference.
 """
-import glob
 import os
 import sys
 import time
@@ -67,7 +66,7 @@ def bench(batch_tokens: int, steps: int, d, backend: str):
     opt, gen, out = tg.Optimizers(model, d, h), torch.Generator().manual_seed(1), {}
     data = os.environ.get("BENCH_DATA")  # real documents: attention work depends on doc lengths
     if data:
-        loader = tg.TrainLoader(sorted(glob.glob(os.path.join(data, "fineweb_train_*.bin"))), h.slot_tokens, d)
+        loader = tg.TrainLoader(tg.token_shards(data, "train"), h.slot_tokens, d)
     next_batch = loader.next_step if data else (lambda: tg.synthetic_batches(h, d, gen))
     for looping in (False, True):
         model.looping = looping

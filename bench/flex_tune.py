@@ -6,7 +6,6 @@ One step's worth of attention (8 packed rows of 98,304 tokens, 8 query / 4 KV he
 BOS-derived BlockMask of train_gpt.py) times 11 layers, forward and forward + backward, for each
 candidate `kernel_options`. Prints ms per training step spent in attention (loop off).
 """
-import glob
 import os
 import sys
 import time
@@ -60,7 +59,7 @@ def main():
     d = tg.Dist(0, 1, 0, torch.device("cuda", 0))
     h = tg.load_config({})
     data = os.environ.get("BENCH_DATA", "/tmp/bench_caseops")
-    loader = tg.TrainLoader(sorted(glob.glob(os.path.join(data, "fineweb_train_*.bin"))), h.slot_tokens, d)
+    loader = tg.TrainLoader(tg.token_shards(data, "train"), h.slot_tokens, d)
     loader.next_step()  # skip the first step (starts at a BOS)
     masks = [tg.flex_doc_mask(tg.segment_ids(x, 1, h.train_seq_len)) for x, _ in loader.next_step()]
     T = h.slot_tokens

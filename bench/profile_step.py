@@ -3,7 +3,6 @@
   python bench/profile_step.py                              # synthetic tokens
   BENCH_DATA=/tmp/bench_caseops python bench/profile_step.py   # the bench pack's shards
 """
-import glob
 import os
 import sys
 
@@ -37,7 +36,7 @@ tg.compile_warmup(model, h, d, h.slot_tokens)
 opt, gen = tg.Optimizers(model, d, h), torch.Generator().manual_seed(1)
 data = os.environ.get("BENCH_DATA")
 if data:
-    loader = tg.TrainLoader(sorted(glob.glob(os.path.join(data, "fineweb_train_*.bin"))), h.slot_tokens, d)
+    loader = tg.TrainLoader(tg.token_shards(data, "train"), h.slot_tokens, d)
 batches = [loader.next_step() if data else tg.synthetic_batches(h, d, gen) for _ in range(3)]
 for b in batches[:2]:
     tg.forward_backward(model, b); opt.step(1.0, 0.95); opt.zero_grad()
