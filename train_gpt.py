@@ -1149,9 +1149,9 @@ class Muon:
             u = g + momentum * st["buf"]  # Nesterov
             u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-7)  # MuonEq-R row normalization
             update = orthogonalize(u, self.h.muon_backend_steps) * math.sqrt(max(1, shape[0] / shape[1]))
-            full = all_gather_cat(update, self.d)
-            for p, upd in zip(ps, full):
-                p.mul_(1 - lr * self.h.muon_wd).add_(upd, alpha=-lr)
+            full = all_gather_cat(update, self.d)[:len(ps)]  # drop the padding of the stack
+            torch._foreach_mul_(ps, 1 - lr * self.h.muon_wd)
+            torch._foreach_add_(ps, list(full.unbind(0)), alpha=-lr)
 
 
 def reduce_scatter_avg(out: torch.Tensor, full: torch.Tensor):
@@ -1200,7 +1200,7 @@ class Optimizers:
         for hd in handles:
             hd.wait()
         # Global norm: the Muon shards are disjoint across ranks, the replicated grads identical.
-        sq = all_reduce(self.muon.sq_norm().reshape(1)) + sum(g.square().sum() for g in grads)
+        sq = all_reduce(self.muon.sq_norm().reshape(1)) + torch.stack(torch._foreach_norm(grads)).square().sum()
         norm = sq.sqrt().squeeze()
         clip = (self.h.grad_clip_norm / (norm + 1e-6)).clamp(max=1.0) if self.h.grad_clip_norm else norm * 0 + 1
         torch._foreach_mul_(grads, clip)

@@ -7,6 +7,7 @@
   FUSED_MLP=0 python bench/bench_step.py                    # A/B: the MLP without the Triton kernel
   FLEX_DEFAULTS=1 python bench/bench_step.py                # A/B: torch's flex tiles, not FLEX_OPTIONS
   BENCH_LOOP=1 python bench/bench_step.py                   # + the training loop's per-step clock and EMA
+  BENCH_INDUCTOR=coordinate_descent_tuning=1 python bench/bench_step.py   # A/B: inductor settings
 
 Prints compile time, ms/step with the loop off and on, tokens/s and peak memory per batch size,
 plus a parity check of the compiled flex-attention document mask against an SDPA reference.
@@ -16,6 +17,7 @@ import sys
 import time
 
 import torch
+import torch._inductor.config  # noqa: F401  (BENCH_INDUCTOR)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_gpt as tg  # noqa: E402
@@ -98,7 +100,17 @@ def bench(batch_tokens: int, steps: int, d, backend: str):
           f"({batch_tokens / out[True] * 1e3:,.0f} tok/s) | peak {peak:.1f} GiB", flush=True)
 
 
+def set_inductor(spec: str):
+    """BENCH_INDUCTOR="name=value,...": top-level torch._inductor.config flags (ints or booleans)."""
+    for item in filter(None, spec.split(",")):
+        name, value = item.split("=")
+        old = getattr(torch._inductor.config, name)
+        setattr(torch._inductor.config, name, bool(int(value)) if isinstance(old, bool) else int(value))
+        print(f"inductor {name}: {old} -> {getattr(torch._inductor.config, name)}")
+
+
 def main():
+    set_inductor(os.environ.get("BENCH_INDUCTOR", ""))
     d = tg.Dist(0, 1, 0, torch.device("cuda", 0))
     torch.backends.cuda.matmul.allow_tf32 = True
     backend = tg.pick_attention_backend(d.device, os.environ.get("ATTN_BACKEND", "auto"))
