@@ -1,0 +1,107 @@
+"""Per-kernel timing of mlp_act_matmul variants against cuBLAS, at one micro-step's MLP shapes.
+
+  python bench/mlp_variants.py
+
+Times 88 launches (one 786K step, loop off) of the forward (x W1^T -> pre, post) and the gradient
+(dout W2 -> dpre) kernels for each variant, after checking them against train_gpt's kernel.
+"""
+import os
+import sys
+import time
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train_gpt as tg  # noqa: E402
+
+
+@triton.jit
+def variant(a, b, pre, out, M, N, K, GRAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+            BK: tl.constexpr, SMS: tl.constexpr, PREFETCH: tl.constexpr, MASK: tl.constexpr):
+    n_blocks = N // BN
+    for tile in tl.range(tl.program_id(0), tl.cdiv(M, BM) * n_blocks, SMS, flatten=True):
+        rm = (tile // n_blocks) * BM + tl.arange(0, BM)
+        rn = (tile % n_blocks) * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        a_ptr = a + (rm % M)[:, None] * K + rk[None, :]
+        b_ptr = b + rn[:, None] * K + rk[None, :]
+        offs, keep = rm[:, None] * N + rn[None, :], (rm < M)[:, None]
+        if GRAD and PREFETCH:
+            p = tl.load(pre + offs, mask=keep)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for _ in range(0, K, BK):
+            acc = tl.dot(tl.load(a_ptr), tl.load(b_ptr).T, acc)
+            a_ptr += BK
+            b_ptr += BK
+        if GRAD:
+            if not PREFETCH:
+                p = tl.load(pre + offs, mask=keep)
+            p = p.to(tl.float32)
+            d = (acc * tl.where(p > 0, 2 * p, 0.5 * p)).to(out.dtype.element_ty)
+            if MASK:
+                tl.store(out + offs, d, mask=keep)
+            else:
+                tl.store(out + offs, d)
+        else:
+            p = acc.to(pre.dtype.element_ty)
+            y = tl.where(p > 0, p, 0.5 * p).to(tl.float32)
+            y = (y * y).to(out.dtype.element_ty)
+            if MASK:
+                tl.store(pre + offs, p, mask=keep)
+                tl.store(out + offs, y, mask=keep)
+            else:
+                tl.store(pre + offs, p)
+                tl.store(out + offs, y)
+
+
+def launch(a, b, pre, out, grad, tile, prefetch=False, mask=True):
+    (M, K), N, (BM, BN, BK, warps, stages) = a.shape, b.size(0), tile
+    sms = torch.cuda.get_device_properties(a.device).multi_processor_count
+    variant[(min(sms, triton.cdiv(M, BM) * (N // BN)),)](
+        a, b, pre, out, M, N, K, GRAD=grad, BM=BM, BN=BN, BK=BK, SMS=sms, PREFETCH=prefetch,
+        MASK=mask, num_warps=warps, num_stages=stages)
+
+
+def timed(fn, reps=88) -> float:
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - t0)
+
+
+def main():
+    torch.manual_seed(0)
+    M, D, H = 98304, 512, 2048
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    x, g = torch.randn(M, D, **bf), torch.randn(M, D, **bf)
+    w1, w2 = torch.randn(H, D, **bf) / D**0.5, torch.randn(D, H, **bf) / H**0.5
+    w2t = w2.T.contiguous()
+    ref_pre, ref_post = tg.mlp_up(x, w1)
+    ref_d = tg.mlp_up_grad(g, w2, ref_pre)
+    pre, post, d = (torch.empty(M, H, **bf) for _ in range(3))
+    print(f"cuBLAS x @ W1^T (pre only): {timed(lambda: torch.mm(x, w1.T, out=pre)):.1f} ms / 88")
+    print(f"train_gpt fwd {timed(lambda: tg.launch_mlp_act(x, w1, pre, post, False)):.1f} ms, "
+          f"grad {timed(lambda: tg.launch_mlp_act(g, w2t, ref_pre, d, True)):.1f} ms / 88")
+    tiles = [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 4)]
+    for tile in tiles:
+        for prefetch, mask in ((False, True), (False, False), (True, False)):
+            try:
+                launch(x, w1, pre, post, False, tile, prefetch, mask)
+                launch(g, w2t, ref_pre, d, True, tile, prefetch, mask)
+            except Exception as e:  # shared memory / registers
+                print(f"{tile} prefetch={prefetch} mask={mask}: {type(e).__name__} {str(e)[:80]}")
+                continue
+            same = torch.equal(pre, ref_pre) and torch.equal(post, ref_post) and torch.equal(d, ref_d)
+            f = timed(lambda: launch(x, w1, pre, post, False, tile, prefetch, mask))
+            b = timed(lambda: launch(g, w2t, ref_pre, d, True, tile, prefetch, mask))
+            print(f"{tile} prefetch={prefetch:d} mask={mask:d}: fwd {f:5.1f} grad {b:5.1f} "
+                  f"sum {f + b:5.1f} ms / 88 {'identical' if same else 'DIFFERENT'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
