@@ -56,6 +56,45 @@ def variant(a, b, pre, out, M, N, K, GRAD: tl.constexpr, BM: tl.constexpr, BN: t
                 tl.store(out + offs, y)
 
 
+@triton.jit
+def tma_variant(a_desc, b_desc, pre_desc, out_desc, M, N, K, GRAD: tl.constexpr, BM: tl.constexpr,
+                BN: tl.constexpr, BK: tl.constexpr, SMS: tl.constexpr, SUB: tl.constexpr):
+    """TMA loads and TMA (bulk, asynchronous) stores; SUB stores the tile in two column halves."""
+    n_blocks = N // BN
+    for tile in tl.range(tl.program_id(0), tl.cdiv(M, BM) * n_blocks, SMS, flatten=True):
+        om, on = (tile // n_blocks) * BM, (tile % n_blocks) * BN
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(0, K, BK):
+            acc = tl.dot(a_desc.load([om, k]), b_desc.load([on, k]).T, acc)
+        if SUB:
+            halves = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
+            cols = (on, on + BN // 2)
+        else:
+            halves, cols = (acc,), (on,)
+        for i in tl.static_range(2 if SUB else 1):
+            c = halves[i]
+            if GRAD:
+                p = pre_desc.load([om, cols[i]]).to(tl.float32)
+                out_desc.store([om, cols[i]], (c * tl.where(p > 0, 2 * p, 0.5 * p)).to(tl.bfloat16))
+            else:
+                p = c.to(tl.bfloat16)
+                pre_desc.store([om, cols[i]], p)
+                y = tl.where(p > 0, p, 0.5 * p).to(tl.float32)
+                out_desc.store([om, cols[i]], (y * y).to(tl.bfloat16))
+
+
+def launch_tma(a, b, pre, out, grad, tile, sub):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    (M, K), N, (BM, BN, BK, warps, stages) = a.shape, b.size(0), tile
+    sms = torch.cuda.get_device_properties(a.device).multi_processor_count
+    cn = BN // 2 if sub else BN
+    descs = [TensorDescriptor.from_tensor(a, [BM, BK]), TensorDescriptor.from_tensor(b, [BN, BK]),
+             TensorDescriptor.from_tensor(pre, [BM, cn]), TensorDescriptor.from_tensor(out, [BM, cn])]
+    tma_variant[(min(sms, triton.cdiv(M, BM) * (N // BN)),)](
+        *descs, M, N, K, GRAD=grad, BM=BM, BN=BN, BK=BK, SMS=sms, SUB=sub, num_warps=warps,
+        num_stages=stages)
+
+
 def launch(a, b, pre, out, grad, tile, prefetch=False, mask=True):
     (M, K), N, (BM, BN, BK, warps, stages) = a.shape, b.size(0), tile
     sms = torch.cuda.get_device_properties(a.device).multi_processor_count
@@ -87,6 +126,21 @@ def main():
     print(f"cuBLAS x @ W1^T (pre only): {timed(lambda: torch.mm(x, w1.T, out=pre)):.1f} ms / 88")
     print(f"train_gpt fwd {timed(lambda: tg.launch_mlp_act(x, w1, pre, post, False)):.1f} ms, "
           f"grad {timed(lambda: tg.launch_mlp_act(g, w2t, ref_pre, d, True)):.1f} ms / 88")
+    for tile in [(128, 256, 64, 8, 3), (128, 256, 64, 8, 2), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4)]:
+        for sub in (False, True):
+            try:
+                launch_tma(x, w1, pre, post, False, tile, sub)
+                launch_tma(g, w2t, ref_pre, d, True, tile, sub)
+            except Exception as e:  # shared memory / registers / an older Triton
+                print(f"TMA {tile} sub={sub}: {type(e).__name__} {str(e)[:120]}")
+                continue
+            same = torch.equal(pre, ref_pre) and torch.equal(post, ref_post) and torch.equal(d, ref_d)
+            f = timed(lambda: launch_tma(x, w1, pre, post, False, tile, sub))
+            b = timed(lambda: launch_tma(g, w2t, ref_pre, d, True, tile, sub))
+            print(f"TMA {tile} sub={sub:d}: fwd {f:5.1f} grad {b:5.1f} sum {f + b:5.1f} ms / 88 "
+                  f"{'identical' if same else 'DIFFERENT'}", flush=True)
+    if os.environ.get("POINTER_VARIANTS", "1") == "0":
+        return
     tiles = [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 4)]
     for tile in tiles:
         for prefetch, mask in ((False, True), (False, False), (True, False)):
