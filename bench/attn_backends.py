@@ -17,16 +17,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_gpt as tg  # noqa: E402
 
 
-def cu_seqlens(seg: torch.Tensor, pad_to: int = 0) -> torch.Tensor:
-    """Exact cumulative lengths of a single row's segments, optionally padded with the total."""
-    flat = seg.flatten()
-    starts = torch.nonzero(torch.diff(flat, prepend=flat[:1] - 1)).flatten()
-    cu = torch.cat([starts, torch.tensor([flat.numel()], device=seg.device)])
-    if pad_to:
-        cu = torch.cat([cu, cu[-1:].expand(pad_to - cu.numel() % pad_to)])
-    return cu.to(torch.int32)
-
-
 def cudnn_varlen(q, k, v, cu, max_len):
     """q [1,T,H,hd], k/v [1,T,Hkv,hd] -> [1,T,H,hd], causal within the cu segments."""
     rep = q.size(2) // k.size(2)
@@ -36,14 +26,9 @@ def cudnn_varlen(q, k, v, cu, max_len):
     return out[0][None]
 
 
-def varlen_fa2(q, k, v, cu, max_len):
-    return tg.varlen_attn(q[0], k[0], v[0], cu, cu, max_len, max_len, **tg.VARLEN_KW)[None]
-
-
-def flex(q, k, v, mask, max_len):
-    return tg.flex_attention_compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                      block_mask=mask, enable_gqa=True,
-                                      kernel_options=tg.FLEX_OPTIONS).transpose(1, 2)
+def via_train_gpt(backend: str):
+    """train_gpt.attention itself, on the segments its backend takes."""
+    return lambda q, k, v, seg, max_len: tg.attention(q, k, v, seg, backend, max_len)
 
 
 def reference(q, k, v, seg):
@@ -87,9 +72,10 @@ def main():
     seg = segs[0][:, :4096] - segs[0][0, 0] + 1
     q = torch.randn(1, 4096, h.num_heads, h.head_dim, device=dev, dtype=torch.bfloat16)
     k, v = (torch.randn(1, 4096, h.num_kv_heads, h.head_dim, device=dev, dtype=torch.bfloat16) for _ in "kv")
-    kernels = {"flex": (flex, tg.flex_doc_mask), "varlen_fa2": (varlen_fa2, cu_seqlens),
-               "cudnn": (cudnn_varlen, cu_seqlens),
-               "cudnn_padded": (cudnn_varlen, lambda s: cu_seqlens(s, 256))}
+    kernels = {"flex": (via_train_gpt("flex"), tg.flex_doc_mask),
+               "varlen_fa2": (via_train_gpt("varlen"), lambda s: tg.varlen_cu_seqlens(s, 1)),
+               "cudnn": (cudnn_varlen, lambda s: tg.varlen_cu_seqlens(s, 1)),
+               "cudnn_padded": (cudnn_varlen, tg.varlen_cu_seqlens)}
     ok = {}
     for name, (fn, prep) in kernels.items():
         try:
@@ -111,7 +97,7 @@ def main():
               f"{'' if ok[name] else '  (parity FAILED)'}", flush=True)
     if ok.get("cudnn"):  # inside a compiled region, as the blocks would call it
         fn = torch.compile(lambda q, k, v, cu: cudnn_varlen(q, k, v, cu, 2048), fullgraph=True, dynamic=False)
-        cu = cu_seqlens(seg, 256)
+        cu = tg.varlen_cu_seqlens(seg)
         ok_c = check("cudnn compiled", lambda q, k, v, c, m: fn(q, k, v, c), cu, q, k, v, seg)
         print("compiled cudnn parity ok:", ok_c)
 

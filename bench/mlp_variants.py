@@ -1,6 +1,7 @@
 """Per-kernel timing of mlp_act_matmul variants against cuBLAS, at one micro-step's MLP shapes.
 
-  python bench/mlp_variants.py
+  python bench/mlp_variants.py                      # TMA variants, then pointer-load variants
+  POINTER_VARIANTS=0 python bench/mlp_variants.py   # TMA variants only
 
 Times 88 launches (one 786K step, loop off) of the forward (x W1^T -> pre, post) and the gradient
 (dout W2 -> dpre) kernels for each variant, after checking them against train_gpt's kernel.
