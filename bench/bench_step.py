@@ -74,14 +74,18 @@ def bench(batch_tokens: int, steps: int, d, backend: str):
         model.looping = looping
         batches = [next_batch() for _ in range(steps)]
         tg.forward_backward(model, batches[0]); opt.step(1.0, 0.95); opt.zero_grad()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for b in batches:
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+        events[0].record()
+        for b, done in zip(batches, events[1:]):  # events time each step without a host sync
             tg.forward_backward(model, b)
             opt.step(1.0, 0.95)
             opt.zero_grad()
+            done.record()
         torch.cuda.synchronize()
-        out[looping] = 1000 * (time.perf_counter() - t0) / steps
+        per_step = [a.elapsed_time(b) for a, b in zip(events, events[1:])]
+        out[looping] = sum(per_step) / steps
+        print(f"loop {'on' if looping else 'off'} per step (ms): " + " ".join(f"{t:.0f}" for t in per_step)
+              + f" | median {sorted(per_step)[steps // 2]:.1f}", flush=True)
     if os.environ.get("BENCH_LOOP") == "1":  # what train() adds per step: the clock sync, EMA
         model.looping, ema, clock = False, tg.EMA(model, h.ema_decay), tg.Clock(d)
         for extras in ("clock", "clock+ema"):

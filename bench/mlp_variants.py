@@ -2,6 +2,7 @@
 
   python bench/mlp_variants.py                      # TMA variants, then pointer-load variants
   POINTER_VARIANTS=0 python bench/mlp_variants.py   # TMA variants only
+  TMA_VARIANTS=0 python bench/mlp_variants.py       # pointer-load variants only (tiles x programs per SM)
 
 Times 88 launches (one 786K step, loop off) of the forward (x W1^T -> pre, post) and the gradient
 (dout W2 -> dpre) kernels for each variant, after checking them against train_gpt's kernel.
@@ -20,41 +21,31 @@ import train_gpt as tg  # noqa: E402
 
 @triton.jit
 def variant(a, b, pre, out, M, N, K, GRAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-            BK: tl.constexpr, SMS: tl.constexpr, PREFETCH: tl.constexpr, MASK: tl.constexpr):
+            BK: tl.constexpr, PROGS: tl.constexpr):
+    """train_gpt's kernel with the persistent stride as a parameter: PROGS programs share the
+    tiles, so a grid of 2 x SMs puts two programs on each SM (when registers and shared memory
+    allow), and one program's epilogue stores overlap the other's main loop."""
     n_blocks = N // BN
-    for tile in tl.range(tl.program_id(0), tl.cdiv(M, BM) * n_blocks, SMS, flatten=True):
+    for tile in tl.range(tl.program_id(0), tl.cdiv(M, BM) * n_blocks, PROGS, flatten=True):
         rm = (tile // n_blocks) * BM + tl.arange(0, BM)
         rn = (tile % n_blocks) * BN + tl.arange(0, BN)
         rk = tl.arange(0, BK)
         a_ptr = a + (rm % M)[:, None] * K + rk[None, :]
         b_ptr = b + rn[:, None] * K + rk[None, :]
         offs, keep = rm[:, None] * N + rn[None, :], (rm < M)[:, None]
-        if GRAD and PREFETCH:
-            p = tl.load(pre + offs, mask=keep)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for _ in range(0, K, BK):
             acc = tl.dot(tl.load(a_ptr), tl.load(b_ptr).T, acc)
             a_ptr += BK
             b_ptr += BK
         if GRAD:
-            if not PREFETCH:
-                p = tl.load(pre + offs, mask=keep)
-            p = p.to(tl.float32)
-            d = (acc * tl.where(p > 0, 2 * p, 0.5 * p)).to(out.dtype.element_ty)
-            if MASK:
-                tl.store(out + offs, d, mask=keep)
-            else:
-                tl.store(out + offs, d)
+            p = tl.load(pre + offs, mask=keep).to(tl.float32)
+            tl.store(out + offs, (acc * tl.where(p > 0, 2 * p, 0.5 * p)).to(out.dtype.element_ty), mask=keep)
         else:
             p = acc.to(pre.dtype.element_ty)
+            tl.store(pre + offs, p, mask=keep)
             y = tl.where(p > 0, p, 0.5 * p).to(tl.float32)
-            y = (y * y).to(out.dtype.element_ty)
-            if MASK:
-                tl.store(pre + offs, p, mask=keep)
-                tl.store(out + offs, y, mask=keep)
-            else:
-                tl.store(pre + offs, p)
-                tl.store(out + offs, y)
+            tl.store(out + offs, (y * y).to(out.dtype.element_ty), mask=keep)
 
 
 @triton.jit
@@ -96,12 +87,13 @@ def launch_tma(a, b, pre, out, grad, tile, sub):
         num_stages=stages)
 
 
-def launch(a, b, pre, out, grad, tile, prefetch=False, mask=True):
+def launch(a, b, pre, out, grad, tile, per_sm):
+    """per_sm programs per SM (0: one program per tile, no persistence)."""
     (M, K), N, (BM, BN, BK, warps, stages) = a.shape, b.size(0), tile
-    sms = torch.cuda.get_device_properties(a.device).multi_processor_count
-    variant[(min(sms, triton.cdiv(M, BM) * (N // BN)),)](
-        a, b, pre, out, M, N, K, GRAD=grad, BM=BM, BN=BN, BK=BK, SMS=sms, PREFETCH=prefetch,
-        MASK=mask, num_warps=warps, num_stages=stages)
+    tiles = triton.cdiv(M, BM) * (N // BN)
+    progs = min(per_sm * torch.cuda.get_device_properties(a.device).multi_processor_count, tiles) if per_sm else tiles
+    return variant[(progs,)](a, b, pre, out, M, N, K, GRAD=grad, BM=BM, BN=BN, BK=BK, PROGS=progs,
+                             num_warps=warps, num_stages=stages)
 
 
 def timed(fn, reps=88) -> float:
@@ -127,7 +119,8 @@ def main():
     print(f"cuBLAS x @ W1^T (pre only): {timed(lambda: torch.mm(x, w1.T, out=pre)):.1f} ms / 88")
     print(f"train_gpt fwd {timed(lambda: tg.launch_mlp_act(x, w1, pre, post, False)):.1f} ms, "
           f"grad {timed(lambda: tg.launch_mlp_act(g, w2t, ref_pre, d, True)):.1f} ms / 88")
-    for tile in [(128, 256, 64, 8, 3), (128, 256, 64, 8, 2), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4)]:
+    tma_tiles = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 2), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4)]
+    for tile in tma_tiles if os.environ.get("TMA_VARIANTS", "1") == "1" else []:
         for sub in (False, True):
             try:
                 launch_tma(x, w1, pre, post, False, tile, sub)
@@ -142,21 +135,22 @@ def main():
                   f"{'identical' if same else 'DIFFERENT'}", flush=True)
     if os.environ.get("POINTER_VARIANTS", "1") == "0":
         return
-    tiles = [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 4)]
+    tiles = [(128, 256, 64, 8, 3), (128, 128, 64, 4, 3), (128, 128, 64, 4, 2), (128, 128, 64, 8, 3),
+             (128, 128, 64, 8, 2), (64, 256, 64, 4, 3), (128, 64, 64, 4, 3), (256, 128, 64, 8, 2)]
     for tile in tiles:
-        for prefetch, mask in ((False, True), (False, False), (True, False)):
+        for per_sm in (1, 2, 3, 0):
             try:
-                launch(x, w1, pre, post, False, tile, prefetch, mask)
-                launch(g, w2t, ref_pre, d, True, tile, prefetch, mask)
+                k = launch(x, w1, pre, post, False, tile, per_sm)
+                launch(g, w2t, ref_pre, d, True, tile, per_sm)
             except Exception as e:  # shared memory / registers
-                print(f"{tile} prefetch={prefetch} mask={mask}: {type(e).__name__} {str(e)[:80]}")
+                print(f"{tile} per_sm={per_sm}: {type(e).__name__} {str(e)[:80]}")
                 continue
             same = torch.equal(pre, ref_pre) and torch.equal(post, ref_post) and torch.equal(d, ref_d)
-            f = timed(lambda: launch(x, w1, pre, post, False, tile, prefetch, mask))
-            b = timed(lambda: launch(g, w2t, ref_pre, d, True, tile, prefetch, mask))
-            print(f"{tile} prefetch={prefetch:d} mask={mask:d}: fwd {f:5.1f} grad {b:5.1f} "
-                  f"sum {f + b:5.1f} ms / 88 {'identical' if same else 'DIFFERENT'}", flush=True)
-
+            f = timed(lambda: launch(x, w1, pre, post, False, tile, per_sm))
+            b = timed(lambda: launch(g, w2t, ref_pre, d, True, tile, per_sm))
+            print(f"{tile} per_sm={per_sm} (regs {k.n_regs}, smem {k.metadata.shared // 1024} KB): "
+                  f"fwd {f:5.1f} grad {b:5.1f} sum {f + b:5.1f} ms / 88 "
+                  f"{'identical' if same else 'DIFFERENT'}", flush=True)
 
 if __name__ == "__main__":
     main()

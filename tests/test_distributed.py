@@ -94,3 +94,17 @@ def test_gptq_on_eight_ranks_writes_one_artifact(smoke_dir, tmp_path):
     state1 = tg.dequantize_state_dict(tg.deserialize(single))
     for name, w in state1.items():  # the calibration slots do not depend on the world size
         assert (state8[name] - w).abs().max() <= 0.05 * w.abs().max() + 1e-6, name
+
+
+def test_hessians_cover_every_gptq_matrix_and_qkv_share_the_attention_input(smoke_dir):
+    """q, k and v come from one fused matmul (no c_q/c_k/c_v module calls), so their Hessians are
+    taken at the attention input: every GPTQ'd matrix must still get one (else it falls to RTN)."""
+    h, d, spec = rank_setup(0, 1, smoke_dir, 0)
+    model = tg.GPT(h, spec.bos_id, "sdpa")
+    hess = tg.collect_hessians(model, spec, h, d)
+    gptq = {n for n in model.state_dict() if n.endswith(tuple(tg.GPTQ_SUFFIXES))}
+    assert gptq <= set(hess), sorted(gptq - set(hess))
+    for i in range(h.num_layers):
+        q, k, v = (hess[f"blocks.{i}.attn.{m}.weight"] for m in ("c_q", "c_k", "c_v"))
+        assert torch.equal(q, k) and torch.equal(q, v) and q.data_ptr() != k.data_ptr()
+        assert not torch.equal(q, hess[f"blocks.{i}.attn.proj.weight"]) and q.trace() > 0

@@ -65,16 +65,17 @@ def test_compiled_training_mlp_uses_the_fused_kernel_and_matches_eval():
     with torch.no_grad():
         mlp.proj.weight.normal_(0, 0.02)
     n = torch.randn(2, 640, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    scale = (1 + torch.randn(512, device="cuda")).requires_grad_()  # folded into proj
     assert tg.use_fused_mlp(n, 2048)
     out = []
     for fn in (torch.compile(mlp, fullgraph=True, dynamic=False), mlp):  # compiled, then eager
-        n.grad = mlp.fc.weight.grad = None
-        y = fn(n)
+        n.grad = mlp.fc.weight.grad = scale.grad = None
+        y = fn(n, scale)
         y.float().square().sum().backward()
-        out.append((y, n.grad, mlp.fc.weight.grad))
+        out.append((y, n.grad, mlp.fc.weight.grad, scale.grad))
     with torch.no_grad():
         assert not tg.use_fused_mlp(n, 2048)  # eval and GPTQ hooks take the plain ops
-        y_eval = mlp(n)
+        y_eval = mlp(n, scale)
     assert rel(out[0][0], y_eval) < 1e-2
     for a, b in zip(*out):  # the compiled graph runs the same kernels as the eager call
         assert rel(a, b) < 1e-3 and b.norm() > 0

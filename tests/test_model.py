@@ -85,9 +85,10 @@ def test_parallel_lanes_follow_the_equations():
     cos, sin = tg.GPT(h, BOS, "sdpa").rope(T, x.device)
     out0, out1 = block(x, lane1, x0, seg, cos, sin, "sdpa")
     s = block.ln_scale
+    one = torch.ones(h.model_dim)  # the output scales are folded into proj; apply them outside here
     a = block.attn_scale * block.attn(tg.rms_norm(block.resid_mix[0] * x + block.resid_mix[1] * x0) * s,
-                                      seg, cos, sin, "sdpa")
-    m = block.mlp_scale * block.mlp(tg.rms_norm(lane1) * s)
+                                      seg, cos, sin, "sdpa", one)
+    m = block.mlp_scale * block.mlp(tg.rms_norm(lane1) * s, one)
     r, p = block.lane_resid, block.lane_post
     assert torch.allclose(out0, r[0] * x + p[0, 0] * a + p[1, 0] * m, atol=1e-5)
     assert torch.allclose(out1, r[1] * lane1 + p[0, 1] * a + p[1, 1] * m, atol=1e-5)
@@ -227,3 +228,24 @@ def test_softcap_ce_backward_matches_autograd_of_the_plain_loss(reference_kernel
     y = tg.SoftcapCE.apply(x, t, 30.0)
     assert torch.allclose(y, ref)
     assert torch.allclose(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+
+
+def test_mlp_output_scale_folds_into_proj_fused_and_plain(reference_kernel_ops, monkeypatch):
+    """out_scale * proj(act(fc(n))) with the scale folded into the proj weight: same values and
+    gradients (scale included) on the fused and the plain path."""
+    torch.manual_seed(0)
+    mlp = tg.MLP(tiny()).double()
+    with torch.no_grad():
+        mlp.proj.weight.normal_()
+    n = torch.randn(2, 16, mlp.fc.weight.size(1), dtype=torch.float64, requires_grad=True)
+    scale = torch.randn(mlp.proj.weight.size(0), dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 16, mlp.proj.weight.size(0), dtype=torch.float64)
+    params = (n, scale, mlp.fc.weight, mlp.proj.weight)
+    ref = scale * (torch.nn.functional.leaky_relu(n @ mlp.fc.weight.T, 0.5).square() @ mlp.proj.weight.T)
+    want = torch.autograd.grad(ref, params, g)
+    for fused in (False, True):
+        monkeypatch.setattr(tg, "use_fused_mlp", lambda x, hidden, f=fused: f)
+        out = mlp(n, scale)
+        assert torch.allclose(out, ref)
+        for a, b in zip(torch.autograd.grad(out, params, g), want):
+            assert torch.allclose(a, b)
