@@ -1660,15 +1660,15 @@ def collect_hessians(model: GPT, spec: DataSpec, h: Hyperparameters, d: Dist) ->
     for name, mod in calib.named_modules():
         if isinstance(mod, Attention):  # c_q, c_k, c_v read the attention input (Attention.qkv)
             mod.register_forward_hook(lambda m, inp, out, n=name + ".c_q.weight": add_gram(hess, n, inp[0]))
-        elif isinstance(mod, CastedLinear) and not name.endswith((".c_q", ".c_k", ".c_v")):
+        elif isinstance(mod, CastedLinear):
             mod.register_forward_hook(lambda m, inp, out, n=name + ".weight": add_gram(hess, n, inp[0]))
     for x in calibration_rows(spec, h, d):
         add_gram(hess, "tok_emb.weight", calib.hidden(x.to(d.device)))
     for H in hess.values():
         all_reduce(H).div_(8 * h.gptq_calibration_batches)
-    for name in [n for n in hess if n.endswith(".c_q.weight")]:
-        hess[name[:-len("c_q.weight")] + "c_k.weight"] = hess[name].clone()
-        hess[name[:-len("c_q.weight")] + "c_v.weight"] = hess[name].clone()
+    for q in [n for n in hess if n.endswith(".c_q.weight")]:  # one input, one Hessian for q, k, v
+        for kv in ("c_k", "c_v"):
+            hess[q.replace("c_q", kv)] = hess[q].clone()
     return hess
 
 
