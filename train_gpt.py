@@ -2397,7 +2397,8 @@ def train(model: GPT, h: Hyperparameters, d: Dist, spec: DataSpec, val: ValData,
             with clock.pause():
                 s = eval_val(model, val, d, h.slot_tokens)
             log(f"{step}/{h.iterations} val_loss: {s.loss:.4f} val_bpb: {s.bpb:.4f}")
-    log(f"stopping: step {step} train_time {elapsed / 1000:.1f}s (cap {cap_ms / 1000:.1f}s)")
+    cap = f"cap {cap_ms / 1000:.1f}s" if h.max_wallclock_seconds > 0 else f"ITERATIONS={h.iterations}, no time cap"
+    log(f"stopping: step {step} train_time {elapsed / 1000:.1f}s ({cap})")
     ema.copy_to_model()
     pre_loop = loop_ms / loop_at if loop_at else elapsed / max(step, 1)
     post_loop = (elapsed - loop_ms) / (step - loop_at) if loop_at is not None and step > loop_at else None
@@ -2460,8 +2461,9 @@ def quantize_stage(model: GPT, spec: DataSpec, h, d, log, ledger, stats: dict) -
     with ledger.phase("gptq_hessians"):
         hess = collect_hessians(model, spec, h, d)
     train_total = stats["train_time_s"] + ledger.seconds["gptq_hessians"]
+    cap = f" of {h.max_wallclock_seconds:.0f}s" if h.max_wallclock_seconds > 0 else " (no time cap)"
     log(f"gptq: {len(hess)} hessians in {ledger.seconds['gptq_hessians']:.1f}s; training + "
-        f"hessians = {train_total:.1f}s of {h.max_wallclock_seconds:.0f}s")
+        f"hessians = {train_total:.1f}s{cap}")
     if h.max_wallclock_seconds and train_total > h.max_wallclock_seconds:
         log(f"WARNING: training data was read for {train_total:.1f}s, past the "
             f"{h.max_wallclock_seconds:.0f}s budget: raise GPTQ_RESERVE_SECONDS")
