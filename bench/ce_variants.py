@@ -7,7 +7,6 @@ ms per step for each num_warps after checking nll and dx against train_gpt's lau
 """
 import os
 import sys
-import time
 
 import torch
 import triton
@@ -15,6 +14,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_gpt as tg  # noqa: E402
+from mlp_variants import timed  # noqa: E402
 
 
 @triton.jit
@@ -28,16 +28,6 @@ def ce_fwd_maxfree(x, tgt, nll, lse, V, C: tl.constexpr, BV: tl.constexpr):
     total = tl.log(tl.sum(tl.where(keep, tl.exp(z), 0.0), 0))
     tl.store(lse + row, total)
     tl.store(nll + row, total - tl.sum(tl.where(cols == target, z, 0.0), 0))
-
-
-def timed(fn, reps=8) -> float:
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    torch.cuda.synchronize()
-    return 1000 * (time.perf_counter() - t0)
 
 
 def main():
@@ -56,12 +46,12 @@ def main():
 
         def bwd():
             tg.softcap_ce_rows[(M,)](x, tgt, n2, lse, dnll, d2, V, C=C, BV=V, GRAD=True, num_warps=warps)
-        f, b = timed(fwd), timed(bwd)
+        f, b = timed(fwd, reps=8), timed(bwd, reps=8)
         same = torch.equal(n2, nll) and torch.equal(l2, lse) and torch.equal(d2, dx)
         print(f"num_warps {warps:2d}: fwd {f:5.2f} bwd {b:5.2f} sum {f + b:5.2f} ms / step "
               f"{'identical' if same else 'DIFFERENT (max |dnll| %.1e)' % (n2 - nll).abs().max()}", flush=True)
     for warps in (4, 8, 16):
-        f = timed(lambda: ce_fwd_maxfree[(M,)](x, tgt, n2, l2, V, C=C, BV=V, num_warps=warps))
+        f = timed(lambda: ce_fwd_maxfree[(M,)](x, tgt, n2, l2, V, C=C, BV=V, num_warps=warps), reps=8)
         print(f"max-free forward, num_warps {warps:2d}: fwd {f:5.2f} ms / step, max |dnll| "
               f"{(n2 - nll).abs().max():.1e}, max |dlse| {(l2 - lse).abs().max():.1e}", flush=True)
 
