@@ -152,5 +152,6 @@ def main():
                   f"fwd {f:5.1f} grad {b:5.1f} sum {f + b:5.1f} ms / 88 "
                   f"{'identical' if same else 'DIFFERENT'}", flush=True)
 
+
 if __name__ == "__main__":
     main()
