@@ -1,0 +1,86 @@
+"""One-GPU proxy runs: several short, step-scheduled trainings of train_gpt.py side by side on one GPU.
+
+  python bench/proxy.py --iterations 200 --batch 262144 \
+      --variant base: --variant seed1:SEED=1 --variant nogate:ATTN_GATE=none \
+      --variant noloop:NUM_LOOPS=0,ITERATIONS=236 [--common KEY=VAL ...] [--out DIR]
+
+Every variant is its own process of train_gpt.py (one GPU, no torchrun), started at the same time.
+Runs are scheduled by steps (MAX_WALLCLOCK_SECONDS=0: progress = step / ITERATIONS), so sharing
+the GPU changes how long they take but not what they compute: the loop switch, the warmdown and
+every result are the same as a run alone. A lever that changes the step cost (the depth loop)
+is compared at equal compute by giving it more or fewer ITERATIONS (see bench/RESULTS.md).
+TTT is off unless a variant turns it on; SAVE_PREQUANT keeps each EMA checkpoint for tools/ab.py.
+Prints one row per variant (steps, raw / EMA / quantized val_bpb) and its delta against the first.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_env(spec: str) -> dict:
+    out = {}
+    for item in filter(None, spec.split(",")):
+        key, sep, val = item.partition("=")
+        if not sep:
+            raise SystemExit(f"proxy: {item!r} must look like KEY=VALUE")
+        out[key] = val
+    return out
+
+
+def final_json(path: str) -> dict:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [ln for ln in f if ln.startswith("final_json ")]
+    return json.loads(lines[-1][len("final_json "):]) if lines else {}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--iterations", type=int, required=True)
+    ap.add_argument("--batch", type=int, default=262144, help="TRAIN_BATCH_TOKENS")
+    ap.add_argument("--variant", action="append", required=True, metavar="NAME:K=V,K=V")
+    ap.add_argument("--common", nargs="*", default=[], metavar="K=V", help="env for every variant")
+    ap.add_argument("--prefix", default="proxy")
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/proxy"))
+    args = ap.parse_args(argv)
+    common = dict(MAX_WALLCLOCK_SECONDS="0", ITERATIONS=str(args.iterations), TTT_ENABLED="0",
+                  TRAIN_BATCH_TOKENS=str(args.batch), SAVE_PREQUANT="1", TRAIN_LOG_EVERY="50")
+    common.update(parse_env(",".join(args.common)))
+    os.makedirs(args.out, exist_ok=True)
+    procs, t0 = [], time.time()
+    for spec in args.variant:
+        name, _, env = spec.partition(":")
+        run_id = f"{args.prefix}_{name}"
+        env = {**common, **parse_env(env), "RUN_ID": run_id, "ARTIFACT_DIR": f"/tmp/art_{run_id}"}
+        print(f"[proxy] {name}: " + " ".join(f"{k}={v}" for k, v in env.items()), flush=True)
+        out = open(os.path.join(args.out, f"{run_id}.out"), "w")
+        procs.append((name, run_id, subprocess.Popen([sys.executable, "train_gpt.py"], cwd=ROOT,
+                                                      env={**os.environ, **env}, stdout=out,
+                                                      stderr=subprocess.STDOUT)))
+    rows = []
+    for name, run_id, p in procs:
+        rc = p.wait()
+        log = os.path.join(ROOT, "logs", f"{run_id}.txt")
+        rec = final_json(log) if os.path.exists(log) else {}
+        rows.append((name, rc, rec))
+    print(f"[proxy] all done in {time.time() - t0:.0f}s")
+    base = rows[0][2]
+    print(f"{'variant':>12} {'rc':>3} {'steps':>6} {'raw':>9} {'ema':>9} {'quant':>9} {'d_quant':>9}")
+    for name, rc, r in rows:
+        q = r.get("val_bpb_diagnostic")
+        dq = q - base["val_bpb_diagnostic"] if q is not None and base.get("val_bpb_diagnostic") else None
+        cells = [r.get("steps"), r.get("val_bpb_raw"), r.get("val_bpb_prequant"), q, dq]
+        fmt = ["{}", "{:.5f}", "{:.5f}", "{:.5f}", "{:+.5f}"]
+        print(f"{name:>12} {rc:>3} " + " ".join(
+            (f.format(c) if c is not None else "-").rjust(w) for f, c, w in zip(fmt, cells, (6, 9, 9, 9, 9))))
+    with open(os.path.join(args.out, f"{args.prefix}_summary.json"), "w") as f:
+        json.dump([{"variant": n, "rc": rc, **r} for n, rc, r in rows], f, indent=1)
+    return max(rc for _, rc, _ in rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
