@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """Multi-seed launcher and statistics for train_gpt.py logs.
 
-    python tools/seeds.py run --seeds 42 0 1234 --nproc 8 [--env KEY=VAL ...] [--dry-run]
+    python tools/seeds.py run --seeds 42 0 1234 --nproc 8 --script run/train_gpt.py [--env KEY=VAL ...]
     python tools/seeds.py stats logs/a.txt logs/b.txt [--against ref1.txt ref2.txt] [--json]
 
 `stats` reads the last `final_json ` line of each log. It refuses (exit 2) to pool runs whose
-config_hash differs, or whose source_sha256 differs unless --allow-mixed. Tests are one-sided:
-Welch (our mean val_loss < reference mean) and a one-sample test that the improvement exceeds
---bar-nats (reference mean taken as fixed). Stdlib only; the Student-t CDF is implemented here.
+config_hash, world_size or source_sha256 differ unless `--allow-mixed KEY` names the key (pooled
+mixed runs are then NON-RECORD). A NON-RECORD banner is printed unless there are at least 3
+distinct seeds and every run is record-eligible: its own `record_eligible` verdict, re-checked
+from its numbers (RECORD_LIMITS, world size 8, legality "compliant", mode "train"). Tests are
+one-sided: Welch (our mean val_loss < reference mean) and a one-sample test that the improvement
+exceeds --bar-nats (reference mean taken as fixed), with Student-t tails from scipy.stats.
 """
 import argparse
 import json
@@ -20,65 +23,33 @@ import subprocess
 import sys
 import time
 
+import scipy.stats
+
 FINAL_PREFIX = "final_json "
 TABLE = [("seed", "{}"), ("steps", "{}"), ("step_avg_ms", "{:.2f}"), ("val_bpb", "{:.6f}"),
-         ("val_loss", "{:.6f}"), ("artifact_bytes", "{:,}"), ("eval_strict_s", "{:.1f}")]
+         ("val_loss", "{:.6f}"), ("artifact_bytes", "{:,}"), ("train_time_s", "{:.1f}"),
+         ("eval_strict_s", "{:.1f}")]
+# Challenge rules that a log's numbers show (a record also needs 8 GPUs and >= 3 seeds).
+RECORD_LIMITS = (("artifact_bytes", 16_000_000), ("train_time_s", 600.0), ("eval_strict_s", 600.0))
+RECORD_WORLD_SIZE = 8
+MIN_SEEDS = 3
+POOL_KEYS = ("config_hash", "world_size", "source_sha256")  # must agree unless --allow-mixed KEY
+PER_SEED_ENV = ("SEED", "RUN_ID", "ARTIFACT_DIR")  # env vars `run` sets per seed
 
 
 class LogError(Exception):
     """A log cannot be used; the message names the file."""
 
 
-# ---- Student-t distribution (regularized incomplete beta via Lentz's continued fraction) ----
-
-def _beta_cf(a, b, x):
-    tiny = 1e-300  # keeps Lentz's divisions away from zero
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = h = 1.0 / (d if abs(d) > tiny else tiny)
-    for m in range(1, 500):
-        for aa in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                   -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1.0 + aa * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + aa / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-15:
-            break
-    return h
-
-
-def betainc(a, b, x):
-    """Regularized incomplete beta I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-                 + a * math.log(x) + b * math.log1p(-x))
-    # The continued fraction converges fast only for x < (a+1)/(a+b+2); use symmetry otherwise.
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _beta_cf(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _beta_cf(b, a, 1.0 - x) / b
-
-
-def t_sf(t, df):
-    """One-sided p-value P(T > t) for Student's t with df degrees of freedom (df may be fractional)."""
-    if math.isnan(t) or df <= 0:
-        return math.nan
-    if math.isinf(t):
-        return 0.0 if t > 0 else 1.0
-    # P(|T| > t) = I_x(df/2, 1/2) with x = df/(df+t^2) = 1 - y; pass the smaller of x, y so
-    # that small |t| (x rounding to 1.0) keeps full precision.
-    x, y = df / (df + t * t), t * t / (df + t * t)
-    tail = 0.5 * (betainc(df / 2.0, 0.5, x) if x < y else 1.0 - betainc(0.5, df / 2.0, y))
-    return tail if t > 0 else 1.0 - tail
-
+# ---- tests (one-sided; the Student-t tail comes from scipy) ----
 
 def _one_sided(excess, se, df):
-    """t = excess / se and p = P(T > t); zero spread gives t = +-inf (nan if excess is 0 too)."""
-    t = excess / se if se else (math.copysign(math.inf, excess) if excess else math.nan)
-    return {"t": t, "df": df, "p": t_sf(t, df)}
+    """t = excess / se and p = P(T > t); zero spread gives t = +-inf and p = 0 or 1."""
+    if se:
+        t = excess / se
+        return {"t": t, "df": df, "p": float(scipy.stats.t.sf(t, df))}
+    t = math.copysign(math.inf, excess) if excess else math.nan
+    return {"t": t, "df": df, "p": 0.0 if t > 0 else 1.0 if t < 0 else math.nan}
 
 
 def welch(ours, ref):
@@ -130,24 +101,69 @@ def read_reference(path):
         return {"val_loss": float(hits[-1][0]), "val_bpb": float(hits[-1][1]), "_path": path}
 
 
-def pooling_problems(runs, allow_mixed):
-    """Reasons these runs must not be pooled (empty list = fine)."""
+def pooling_problems(runs, allow_mixed=()):
+    """Reasons these runs must not be pooled (empty list = fine); keys in allow_mixed may differ."""
     problems = []
-    for key, allowed in (("config_hash", False), ("source_sha256", allow_mixed)):
+    for key in POOL_KEYS:
         seen = {}
         for r in runs:
-            seen.setdefault(r.get(key), []).append(r["_path"])
-        if len(seen) > 1 and not allowed:
+            seen.setdefault(str(r.get(key)), []).append(r["_path"])
+        if len(seen) > 1 and key not in allow_mixed:
             detail = "; ".join(f"{k}: {', '.join(v)}" for k, v in seen.items())
-            hint = "" if key == "config_hash" else " (pass --allow-mixed to pool anyway)"
-            problems.append(f"{key} differs between logs{hint}: {detail}")
+            problems.append(f"{key} differs between logs (pass --allow-mixed {key} to pool anyway, "
+                            f"as a NON-RECORD): {detail}")
     return problems
 
 
+def mixed_keys(runs):
+    """POOL_KEYS on which these runs disagree."""
+    return [k for k in POOL_KEYS if len({str(r.get(k)) for r in runs}) > 1]
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _num(v):
+    return f"{v:,}" if isinstance(v, int) else f"{v:g}"
+
+
+def run_problems(r):
+    """Why one run cannot back a record: its own verdict, then what its numbers show.
+
+    The numbers are re-checked so that an edited log cannot pass by flipping record_eligible."""
+    if "record_eligible" not in r:
+        out = ["log predates record_eligible"]
+    elif r["record_eligible"] is not True:
+        out = [str(x) for x in r.get("not_record_because") or []] or ["record_eligible is false"]
+    elif r.get("not_record_because"):
+        out = ["record_eligible is true but not_record_because lists "
+               + "; ".join(map(str, r["not_record_because"]))]
+    else:
+        out = []
+    for key, cap in RECORD_LIMITS:
+        v = r.get(key)
+        if not _is_number(v):
+            out.append(f"{key} missing")
+        elif v > cap:
+            out.append(f"{key}={_num(v)} over the {_num(cap)} limit")
+    if r.get("world_size") != RECORD_WORLD_SIZE:
+        out.append(f"world_size={r.get('world_size', '-')}, a record runs on {RECORD_WORLD_SIZE} GPUs")
+    if r.get("legality") != "compliant":
+        out.append(f"legality={r.get('legality', '-')}")
+    if r.get("mode") != "train":
+        out.append(f"mode={r.get('mode', '-')}")
+    return list(dict.fromkeys(out))
+
+
 def non_record_reasons(runs):
-    """Why these runs cannot back a record claim (empty list = they can)."""
-    return [f"{r['_path']}: {key}={r.get(key, '-')}" for r in runs
-            for key, want in (("mode", "record"), ("legality", "compliant")) if r.get(key) != want]
+    """Why these runs together cannot back a record claim (empty list = they can)."""
+    reasons = [f"{r['_path']}: {why}" for r in runs for why in run_problems(r)]
+    seeds = {r.get("seed") for r in runs} - {None}
+    if len(seeds) < MIN_SEEDS:
+        reasons.append(f"{len(seeds)} distinct seed(s); a record needs at least {MIN_SEEDS}")
+    reasons += [f"pooled runs of different {k} (--allow-mixed)" for k in mixed_keys(runs)]
+    return reasons
 
 
 def column(runs, key):
@@ -227,7 +243,7 @@ def print_report(s):
         print(f"{label}: t={test['t']:.3f} df={test['df']:.2f} p={test['p']:.4g}  p<0.01: {verdict}")
 
 
-def stats(logs, against=(), bar=0.005, allow_mixed=False, as_json=False, metric="val_loss"):
+def stats(logs, against=(), bar=0.005, allow_mixed=(), as_json=False, metric="val_loss"):
     """Implements the `stats` subcommand; returns the exit code."""
     try:
         runs = [read_final(p) for p in logs]
@@ -236,8 +252,8 @@ def stats(logs, against=(), bar=0.005, allow_mixed=False, as_json=False, metric=
         print(f"seeds stats: {e}", file=sys.stderr)
         return 2
     problems = pooling_problems(runs, allow_mixed)
-    if refs and any("config_hash" in r for r in refs):
-        problems += [f"reference {p}" for p in pooling_problems(refs, allow_mixed=True)]
+    if refs and any("config_hash" in r for r in refs):  # references may come from another source
+        problems += [f"reference {p}" for p in pooling_problems(refs, (*allow_mixed, "source_sha256"))]
     if problems:
         print("seeds stats: refusing to aggregate:\n  " + "\n  ".join(problems), file=sys.stderr)
         return 2
@@ -264,12 +280,18 @@ def launch_commands(args):
         key, sep, val = item.partition("=")
         if not sep or not key:
             raise SystemExit(f"seeds run: --env {item!r} must look like KEY=VALUE")
-        if key in ("SEED", "RUN_ID"):
-            raise SystemExit(f"seeds run: --env {key}=... is set per seed; remove it")
+        if key in PER_SEED_ENV:
+            raise SystemExit(f"seeds run: --env {key}=... is set per seed; remove it "
+                             "(ARTIFACT_DIR is <--artifact-root>/<RUN_ID>)")
         extra[key] = val
     argv = ["torchrun", "--standalone", f"--nproc_per_node={args.nproc}", args.script]
-    return [(f"{args.prefix}_seed{s}", {**extra, "SEED": str(s), "RUN_ID": f"{args.prefix}_seed{s}"}, argv)
-            for s in args.seeds]
+    cmds = []
+    for s in args.seeds:
+        run_id = f"{args.prefix}_seed{s}"
+        env = {**extra, "SEED": str(s), "RUN_ID": run_id,
+               "ARTIFACT_DIR": os.path.join(args.artifact_root, run_id)}
+        cmds.append((run_id, env, argv))
+    return cmds
 
 
 def run(args):
@@ -305,13 +327,16 @@ def main(argv=None):
     p_run.add_argument("--script", default="train_gpt.py", help="file to launch (the packed one for records)")
     p_run.add_argument("--prefix", default=time.strftime("%Y%m%d_%H%M%S"), help="RUN_ID prefix")
     p_run.add_argument("--log-dir", default="logs", help="where the script writes <RUN_ID>.txt")
+    p_run.add_argument("--artifact-root", default="artifacts",
+                       help="each seed writes final_model.ptz into ARTIFACT_DIR=<this>/<RUN_ID>")
     p_run.add_argument("--dry-run", action="store_true", help="print the commands only")
     p_stats = sub.add_parser("stats", help="per-seed table, mean/std and significance tests")
     p_stats.add_argument("logs", nargs="+")
     for p in (p_run, p_stats):
         p.add_argument("--against", nargs="+", default=[], metavar="REF_LOG", help="reference logs")
         p.add_argument("--bar-nats", type=float, default=0.005, help="required improvement (nats)")
-        p.add_argument("--allow-mixed", action="store_true", help="pool logs of different source_sha256")
+        p.add_argument("--allow-mixed", nargs="+", default=[], choices=POOL_KEYS, metavar="KEY",
+                       help=f"pool logs that differ in these keys ({', '.join(POOL_KEYS)}); NON-RECORD")
         p.add_argument("--metric", choices=["val_loss", "bpb"], default="val_loss",
                        help="compare val_loss, or val_bpb converted with our bytes/token")
         p.add_argument("--json", action="store_true", help="print the summary as JSON")
