@@ -333,3 +333,18 @@ def test_check_imports_rejected_at_package_time(repo, capsys):
     install_source(repo, TOY.replace("import torch\n", "import torch\nimport my_helpers\n"))
     assert run_package(repo, repo["make"]()) == 2
     assert "my_helpers" in capsys.readouterr().err
+
+
+def test_tools_readme_names_only_real_flags():
+    """Every --flag tools/README.md documents is declared by the tool (or data/download.py) it
+    describes, so the README cannot silently go stale when a flag is renamed."""
+    import re
+
+    with open(os.path.join(REPO_ROOT, "tools", "README.md")) as f:
+        flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z_-]*)", f.read())) - {"--help"}
+    src = ""
+    for rel in ("tools/pack.py", "tools/seeds.py", "tools/package.py", "tools/legality.py", "data/download.py"):
+        with open(os.path.join(REPO_ROOT, rel)) as f:
+            src += f.read()
+    missing = sorted(x for x in flags if f'"{x}"' not in src and f"{x}=" not in src)
+    assert not missing, missing

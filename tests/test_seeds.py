@@ -1,6 +1,8 @@
 import json
 import math
 import os
+import re
+import shlex
 import stat
 import sys
 
@@ -275,3 +277,33 @@ def test_config_hash_ignores_per_seed_env():
     a = train_gpt.load_config({"SEED": "1", "RUN_ID": "a", "ARTIFACT_DIR": "artifacts/a"})
     b = train_gpt.load_config({"SEED": "2", "RUN_ID": "b", "ARTIFACT_DIR": "artifacts/b"})
     assert a.config_hash() == b.config_hash()
+
+
+def recipe_lines():
+    """The command lines of README.md's 'A record run' block (continuations joined)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md")) as f:
+        text = f.read().split("## A record run", 1)[1].split("\n## ", 1)[0]
+    block = "\n".join(ln[4:] for ln in text.splitlines() if ln.startswith("    "))
+    return [ln.split("  #")[0].strip() for ln in block.replace("\\\n", " ").splitlines()], root
+
+
+def test_readme_record_recipe_runs_from_the_repo_root(capsys):
+    lines, root = recipe_lines()
+    assert not any(ln.startswith("cd ") or " cd " in ln for ln in lines), lines
+    words = {ln.split()[1]: shlex.split(ln) for ln in lines if ln.startswith("python ")}
+    with open(os.path.join(root, "train_gpt.py")) as f:
+        src = f.read()
+    defaults = dict(re.findall(r'^    (data_path|tokenizer_path): str = "([^"]*)"', src, re.M))
+    dl = words["data/download.py"]
+    # The shards land where the default DATA_PATH looks (relative to the repo root, the cwd), and
+    # the tokenizer where TOKENIZER_PATH looks (download.py's default --tokenizer-dir).
+    assert os.path.normpath(dl[dl.index("--out") + 1]) == os.path.normpath(defaults["data_path"])
+    assert "--tokenizer-dir" not in dl
+    assert os.path.normpath(os.path.dirname(defaults["tokenizer_path"])) == os.path.join("data", "tokenizers")
+    packed = words["tools/pack.py"][words["tools/pack.py"].index("-o") + 1]
+    run = words["tools/seeds.py"]
+    assert run[2] == "run" and run[run.index("--script") + 1] == packed
+    assert seeds.main(run[2:] + ["--dry-run"]) == 0
+    launches = capsys.readouterr().out.strip().splitlines()
+    assert len(launches) >= 3 and all(ln.endswith(f"--nproc_per_node=8 {packed}") for ln in launches)

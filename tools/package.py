@@ -324,7 +324,8 @@ def copy_into(folder, src, rel):
 
 def build(args, runs, packed, source, folder):
     """Write the folder; returns (submission dict, warnings)."""
-    reasons, warnings = folder_reasons(runs), []
+    shipped = [{**r, "_path": f"train_seed{r['seed']}.log"} for r in runs]  # reasons name folder files
+    reasons, warnings = folder_reasons(shipped), []
     data_path, tok_path = run_paths(runs, source)
     tok_src = args.tokenizer or (tok_path and os.path.join(args.repo_root, tok_path))
     if os.path.exists(folder):
