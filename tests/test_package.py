@@ -94,7 +94,8 @@ def test_builds_record_folder(repo, capsys):
                             *DATA_PIPELINE])
     assert (f / "train_gpt.py").read_bytes() == (repo["root"] / "out" / "train_gpt.py").read_bytes()
     assert (f / "train_gpt_source.py").read_text() == TOY
-    assert (f / "data" / "common.py").read_bytes() == open(os.path.join(REPO_ROOT, "data", "common.py"), "rb").read()
+    with open(os.path.join(REPO_ROOT, "data", "common.py"), "rb") as g:
+        assert (f / "data" / "common.py").read_bytes() == g.read()
     sub = json.loads((f / "submission.json").read_text())
     assert sub["val_loss"] == pytest.approx(2.81) and sub["val_loss_std"] == pytest.approx(0.01)
     assert sub["bytes_code"] == repo["packed_size"] and sub["record"] is True

@@ -7,7 +7,6 @@ import stat
 import sys
 
 import pytest
-from hypothesis import given, settings, strategies as st
 
 import seeds
 from logutil import final, write_log
@@ -158,7 +157,8 @@ def test_flipped_record_eligible_is_rechecked_from_the_numbers(tmp_path, capsys)
     assert seeds.main(["stats", *logs, "--json"]) == 0
     reasons = "\n".join(json.loads(capsys.readouterr().out)["non_record"])
     for why in ("train_time_s=1500 over the 600 limit", "eval_strict_s=900 over the 600 limit",
-                "artifact_bytes=16,000,001 over the 16,000,000 limit", "world_size=1", "legality=C4: twice", "mode=record"):
+                "artifact_bytes=16,000,001 over the 16,000,000 limit", "world_size=1",
+                "legality=C4: twice", "mode=record"):
         assert why in reasons, why
     odd = {**final(5, 2.8, not_record_because=["bad"]), "_path": "x"}
     assert seeds.run_problems(odd) == ["record_eligible is true but not_record_because lists bad"]
