@@ -48,13 +48,12 @@ import torch.nn.functional as F
 class Hyperparameters:
     # data and run
     data_path: str = "./data/datasets/fineweb10B_sp8192_caseops"  # shards + manifest.json
-    tokenizer_path: str = "./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
+    tokenizer_path: str = "./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"  # the shards' tokenizer
     vocab_size: int = 8192  # must equal the tokenizer's and the manifest's
     run_id: str = ""  # log name logs/<RUN_ID>.txt; empty = time-based
-    seed: int = 42  # drives init (torch/numpy); the data order is seed-independent
+    seed: int = 42  # drives init and the GPTQ calibration draw; the data order is seed-independent
     artifact_dir: str = "."  # where final_model.ptz is written
-    smoke: bool = False  # tiny CPU configuration on ./data/smoke (see SMOKE_PRESET)
-    check_disjoint: bool = False  # hash every train and val doc and refuse any overlap
+    smoke: bool = False  # tiny CPU configuration on ./data/smoke (the SMOKE block of --help)
     # schedule
     iterations: int = 20000  # upper bound; the wall clock stops the record run first
     max_wallclock_seconds: float = 600.0  # 0 = no cap, schedule by ITERATIONS instead
@@ -64,62 +63,54 @@ class Hyperparameters:
     min_lr: float = 0.1  # ...to this fraction of the base LR
     train_batch_tokens: int = 786432  # global tokens per optimizer step (8 slots)
     train_seq_len: int = 2048  # longest attention segment; longer docs are cut
-    train_log_every: int = 500
+    train_log_every: int = 500  # log the train loss at steps 1-5 and every N steps
     val_loss_every: int = 0  # 0 = validate only at the end
-    val_batch_tokens: int = 524288  # tokens per non-overlapping eval forward, all ranks together
+    val_batch_tokens: int = 524288  # sliding eval: VAL_BATCH_TOKENS / 8 / EVAL_SEQ_LEN rows per forward
     # model
-    num_layers: int = 11
-    model_dim: int = 512
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    mlp_mult: int = 4
-    logit_softcap: float = 30.0
-    rope_base: float = 10000.0
+    num_layers: int = 11  # physical transformer blocks
+    model_dim: int = 512  # residual stream width
+    num_heads: int = 8  # query heads; head dim = MODEL_DIM / NUM_HEADS
+    num_kv_heads: int = 4  # key/value heads (grouped-query attention)
+    mlp_mult: int = 4  # MLP hidden width = MLP_MULT * MODEL_DIM
     rope_dims: int = 16  # rotated dims per head (partial RoPE)
-    qk_gain_init: float = 5.0
-    tied_embed_init_std: float = 0.005
+    qk_gain_init: float = 5.0  # initial value of the learned per-head query gain
     loop_start: int = 3  # layers loop_start..loop_end run num_loops+1 times once looping is on
-    loop_end: int = 5
-    num_loops: int = 2
+    loop_end: int = 5  # last looped layer (inclusive)
+    num_loops: int = 2  # extra passes over the looped layers; 0 = no loop
     enable_looping_at: float = 0.35  # training fraction that switches the loop on
     parallel_start_layer: int = 8  # physical layers >= this run as two parallel lanes
     gate_window: int = 12  # input channels seen by the smear and sparse/out attention gates
-    smear_gate_enabled: bool = True
+    smear_gate_enabled: bool = True  # SmearGate: add a gated share of the previous token's embedding
     attn_gate: str = "sparse"  # sparse | out | dense | none (one attention output gate)
     attn_backend: str = "auto"  # auto | fa3 | varlen (torch's FA2) | flex | sdpa; same math
-    sparse_attn_gate_scale: float = 0.5
+    sparse_attn_gate_scale: float = 0.5  # multiplies the sparse gate's logit (PR #1855: 1.0 -> 0.5)
     # optimizer
-    matrix_lr: float = 0.026
-    scalar_lr: float = 0.02
-    tied_embed_lr: float = 0.03
-    muon_momentum: float = 0.97
-    muon_momentum_warmup_start: float = 0.92
-    muon_momentum_warmup_steps: int = 1500
-    muon_backend_steps: int = 5
-    muon_wd: float = 0.095
-    beta1: float = 0.9
-    beta2: float = 0.99
-    adam_eps: float = 1e-8
-    adam_wd: float = 0.02
-    embed_wd: float = 0.085
+    matrix_lr: float = 0.026  # Muon LR of the block matrices
+    scalar_lr: float = 0.02  # AdamW LR of gains, gates, skip and lane weights
+    tied_embed_lr: float = 0.03  # AdamW LR of the tied embedding
+    muon_momentum: float = 0.97  # Muon (Nesterov) momentum after the warmup
+    muon_momentum_warmup_start: float = 0.92  # Muon momentum at step 0, raised linearly...
+    muon_momentum_warmup_steps: int = 1500  # ...to MUON_MOMENTUM over this many steps
+    muon_wd: float = 0.095  # decoupled weight decay of the Muon matrices
+    beta2: float = 0.99  # AdamW beta2 (beta1 and eps are fixed, see ADAM_BETA1)
+    adam_wd: float = 0.02  # AdamW weight decay of the small tensors
+    embed_wd: float = 0.085  # AdamW weight decay of the tied embedding
     grad_clip_norm: float = 0.3  # on the global (all-rank) gradient norm
-    ema_decay: float = 0.9965
+    ema_decay: float = 0.9965  # EMA of the weights, copied into the model after training
     # quantization and packing
     gptq_calibration_batches: int = 16  # global batches of 8 training slots for the Hessians
     matrix_bits: int = 6  # attention and MLP matrices
     embed_bits: int = 7  # tied embedding
     attn_clip_sigmas: float = 13.0  # per-row clip edge = k * std(row)
-    mlp_clip_sigmas: float = 11.5
-    embed_clip_sigmas: float = 14.0
+    mlp_clip_sigmas: float = 11.5  # the same for MLP matrices (FIT_TO_CAP may raise it)
+    embed_clip_sigmas: float = 14.0  # the same for the tied embedding
     matrix_clip_sigmas: float = 12.85  # any other large matrix
-    gptq_block_size: int = 128
-    gptq_damp: float = 0.01  # times mean(diag(H)), added to the diagonal
     lqer_enabled: bool = True  # low-rank correction of the worst-quantized tensors
-    lqer_rank: int = 4
-    lqer_top_k: int = 3
+    lqer_rank: int = 4  # rank of each LQER correction
+    lqer_top_k: int = 3  # how many tensors (largest quantization error) get one
     lqer_asym_group: int = 64  # int4 group size of the LQER B factor
     compressor: str = "brotli"  # brotli (quality 11) | lzma (preset 9)
-    fit_to_cap: bool = True  # over the cap: raise MLP_CLIP_SIGMAS (logged) and requantize
+    fit_to_cap: bool = True  # over the cap: raise MLP_CLIP_SIGMAS (logged, bounded) and requantize
     save_prequant: bool = False  # also write the EMA float weights, final_model.pt (quant ablations)
     # evaluation (the score is phased LoRA TTT; see the Evaluation section)
     eval_seq_len: int = 2048  # sliding-window length
@@ -128,12 +119,11 @@ class Hyperparameters:
     eval_budget_seconds: float = 600.0  # timed TTT eval; global SGD phases are cut to fit, logged
     eval_only: str = ""  # path of a saved artifact: skip training and score it ("" = train)
     ttt_enabled: bool = True  # score with LoRA TTT (else sliding if enabled, else non-overlapping)
-    ttt_lora_rank: int = 80
+    ttt_lora_rank: int = 80  # rank of the per-document LoRA adapters
     ttt_lora_alpha: float = 144.0  # adapter outputs are scaled by alpha / rank
     ttt_lora_lr: float = 1e-4  # AdamW on the adapters, one step per chunk
-    ttt_beta1: float = 0.0
-    ttt_beta2: float = 0.99
-    ttt_weight_decay: float = 0.5
+    ttt_beta2: float = 0.99  # the adapters' AdamW beta2 (beta1 is fixed, see TTT_BETA1)
+    ttt_weight_decay: float = 0.5  # the adapters' AdamW weight decay
     ttt_chunk_size: int = 48  # tokens of each document scored, then trained on, per step
     ttt_eval_seq_len: int = 2048  # context window ending at each chunk end; global SGD row length
     ttt_batch_size: int = 64  # documents per batch, one adapter set each
@@ -141,11 +131,8 @@ class Hyperparameters:
     phased_ttt_prefix_docs: int = 2500  # docs, in scoring order, that the global SGD phases train on
     phased_ttt_num_phases: int = 3  # pause at floor(P*(i+1)/K) scored docs; 0 = plain LoRA TTT
     global_ttt_lr: float = 0.001  # SGD on every base weight during a pause, cosine over chunks
-    global_ttt_momentum: float = 0.9
-    global_ttt_epochs: int = 1
     global_ttt_chunk_tokens: int = 32768  # one SGD step per chunk; the last chunk is skipped
     global_ttt_batch_seqs: int = 32  # rows per micro-batch, all ranks together
-    global_ttt_grad_clip: float = 1.0  # on the all-reduced gradient norm
     prequant_ttt_epochs: int = 0  # ILLEGAL (C3) research mode: AdamW on val before quantization
     prequant_ttt_lr: float = 5e-4  # its peak LR, cosine over epochs (PR #1738 default)
 
@@ -195,20 +182,71 @@ SMOKE_PRESET = dict(
     ttt_eval_seq_len=128, ttt_batch_size=8, phased_ttt_prefix_docs=16, phased_ttt_num_phases=2,
     global_ttt_chunk_tokens=2048, global_ttt_batch_seqs=8,
 )
-# Names used by earlier record scripts, each mapped to what replaces it here.
-RENAMED = {
-    "SPARSE_ATTN_GATE_ENABLED": "ATTN_GATE=sparse", "GATED_ATTN_ENABLED": "ATTN_GATE=dense",
-    "ATTN_OUT_GATE_ENABLED": "ATTN_GATE=out", "GATE_ATTN_OUT": "ATTN_GATE=out",
-    "SMEAR_GATE": "SMEAR_GATE_ENABLED", "GATE_WIDTH": "GATE_WINDOW",
-    "SMEAR_GATE_WIDTH": "GATE_WINDOW", "CASEOPS_ENABLED": "nothing: the data manifest decides",
-    "TTT_EVAL_ONLY": "EVAL_ONLY", "EVAL_ONLY_PATH": "EVAL_ONLY",
-    "SLIDING_WINDOW_ENABLED": "SLIDING_ENABLED", "PREQ_TTT_EPOCHS": "PREQUANT_TTT_EPOCHS",
-    "TTT_K_LORA": "nothing: Q, K, V, O, MLP and head adapters are always on",
-    "TTT_MLP_LORA": "nothing: Q, K, V, O, MLP and head adapters are always on",
-    "TTT_O_LORA": "nothing: Q, K, V, O, MLP and head adapters are always on",
-    "TTT_GRAD_STEPS": "nothing: one step per chunk", "TTT_OPTIMIZER": "nothing: AdamW only",
-    "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES": "nothing: documents are always kept apart",
-}
+# Fixed here: no record of the lineage varied them (spec section 8 and the records it cites).
+ROPE_BASE = 10000.0
+LOGIT_SOFTCAP = 30.0  # logits = c * tanh(logits / c)
+TIED_EMBED_INIT_STD = 0.005
+MUON_BACKEND_STEPS = 5  # Polar Express iterations per Muon update
+ADAM_BETA1, ADAM_EPS = 0.9, 1e-8
+GPTQ_BLOCK_SIZE, GPTQ_DAMP = 128, 0.01  # columns per GPTQ block; damping, times mean(diag(H))
+TTT_BETA1 = 0.0  # the LoRA adapters' AdamW beta1
+GLOBAL_TTT_MOMENTUM, GLOBAL_TTT_EPOCHS, GLOBAL_TTT_GRAD_CLIP = 0.9, 1, 1.0  # SGD of the TTT pauses
+
+
+def fixed(value) -> str:
+    return f"nothing: fixed at {value!r} here (no record varied it)"
+
+
+# Env names of earlier record scripts (baseline 03-11 to PR #1855), each with what replaces it.
+RENAMED = {name: use for use, names in (
+    ("ATTN_GATE=sparse", "SPARSE_ATTN_GATE_ENABLED"), ("ATTN_GATE=dense", "GATED_ATTN_ENABLED"),
+    ("ATTN_GATE=out", "ATTN_OUT_GATE_ENABLED GATE_ATTN_OUT"), ("SMEAR_GATE_ENABLED", "SMEAR_GATE"),
+    ("ATTN_GATE (sparse | out | dense | none)", "GATED_ATTENTION"),
+    ("GATE_WINDOW", "GATE_WIDTH SMEAR_GATE_WIDTH"), ("nothing: the data manifest decides", "CASEOPS_ENABLED"),
+    ("EVAL_ONLY", "TTT_EVAL_ONLY EVAL_ONLY_PATH"), ("SLIDING_ENABLED", "SLIDING_WINDOW_ENABLED"),
+    ("PREQUANT_TTT_EPOCHS", "PREQ_TTT_EPOCHS"), ("PARALLEL_START_LAYER", "PARALLEL_RESIDUAL_START"),
+    ("nothing: Q, K, V, O, MLP and head adapters are always on", "TTT_K_LORA TTT_MLP_LORA TTT_O_LORA"),
+    ("nothing: one step per chunk", "TTT_GRAD_STEPS"), ("nothing: AdamW only", "TTT_OPTIMIZER"),
+    ("nothing: documents are always kept apart", "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES"),
+    ("DATA_PATH and TOKENIZER_PATH (full paths)", "DATA_DIR"),
+    ("VAL_BATCH_TOKENS", "VAL_BATCH_SIZE"), ("WARMDOWN_FRAC", "WARMDOWN_ITERS"),
+    ("TIED_EMBED_LR (the embedding is tied to the head)", "EMBED_LR HEAD_LR"),
+    ("nothing: the embedding is always tied", "TIE_EMBEDDINGS"),
+    ("nothing: the embedding width is MODEL_DIM", "EMBEDDING_DIM"),
+    ("nothing: XSA runs on every layer", "XSA_LAST_N"),
+    ("nothing: the 1/sqrt(layer+1) norm scale is always on", "LN_SCALE"),
+    ("nothing: the U-Net skips are always gated", "SKIP_GATES_ENABLED"),
+    ("nothing: RoPE positions are never rescaled", "ROPE_TRAIN_SEQ_LEN ROPE_YARN"),
+    ("nothing: the final norm reads the mean of the two lanes", "PARALLEL_FINAL_LANE"),
+    ("nothing: the fused CE runs whenever gradients are taken on a GPU", "FUSED_CE_ENABLED"),
+    ("nothing: the sparse gate starts at 0, the dense one at std 0.005",
+     "SPARSE_ATTN_GATE_INIT_STD GATED_ATTN_INIT_STD"),
+    ("nothing: ATTN_GATE=out reads the attention input", "ATTN_OUT_GATE_SRC"),
+    ("nothing: attention gate weights are always int8 per row", "GATED_ATTN_QUANT_GATE"),
+    ("nothing: tensors that are not block matrices go to AdamW", "CONTROL_TENSOR_NAME_PATTERNS"),
+    ("nothing: MuonEq-R row normalization is always on", "MUON_ROW_NORMALIZE"),
+    ("nothing: LQER is always asymmetric (A int2, B int4 in LQER_ASYM_GROUP groups)",
+     "LQER_ASYM_ENABLED LQER_FACTOR_BITS"),
+    ("nothing: GPTQ always runs", "GPTQ_ENABLED"), ("EMA_DECAY (EMA is always on)", "EMA_ENABLED"),
+    ("EMA_DECAY (EMA replaced SWA and LAWA)", "SWA_ENABLED SWA_EVERY LAWA_ENABLED LAWA_K LAWA_FREQ"),
+    ("nothing: no QAT here (GPTQ after training)", "QAT_ENABLED LATE_QAT_THRESHOLD"),
+    ("nothing: every val document is scored", "VAL_TOKENS VAL_DOC_FRACTION TTT_EVAL_BATCHES"),
+    ("TTT_LORA_* and GLOBAL_TTT_* (LoRA TTT with global SGD replaced chunk SGD TTT)",
+     "TTT_LR TTT_EPOCHS TTT_MOMENTUM TTT_CHUNK_TOKENS TTT_FREEZE_BLOCKS TTT_BATCH_SEQS TTT_GRAD_CLIP"),
+    ("nothing: no LR warmup in the global SGD", "GLOBAL_TTT_WARMUP_CHUNKS GLOBAL_TTT_WARMUP_START_LR"),
+    ("EVAL_ONLY with the artifact of a SAVE_PREQUANT=1 run", "PREQUANT_ONLY"),
+    ("nothing: not supported here", "BIGRAM_VOCAB_SIZE BIGRAM_DIM VE_ENABLED VE_DIM VE_LAYERS "
+     "MTP_NUM_HEADS MTP_LOSS_WEIGHT MUON_BETA2 DTG_ENABLED VALUE_RESIDUAL TTT_OUTPUT_DIR"),
+    ("nothing: run `python data/prepare.py disjoint DATA_PATH` (data/prepare.py and data/download.py "
+     "check it when they build the data)", "CHECK_DISJOINT"),
+    (fixed(ROPE_BASE), "ROPE_BASE"), (fixed(LOGIT_SOFTCAP), "LOGIT_SOFTCAP"),
+    (fixed(TIED_EMBED_INIT_STD), "TIED_EMBED_INIT_STD"), (fixed(MUON_BACKEND_STEPS), "MUON_BACKEND_STEPS"),
+    (fixed(ADAM_BETA1), "BETA1"), (fixed(ADAM_EPS), "ADAM_EPS"), (fixed(GPTQ_BLOCK_SIZE), "GPTQ_BLOCK_SIZE"),
+    (fixed(GPTQ_DAMP), "GPTQ_DAMP"), (fixed(TTT_BETA1), "TTT_BETA1"),
+    (fixed(GLOBAL_TTT_MOMENTUM), "GLOBAL_TTT_MOMENTUM"), (fixed(GLOBAL_TTT_EPOCHS), "GLOBAL_TTT_EPOCHS"),
+    (fixed(GLOBAL_TTT_GRAD_CLIP), "GLOBAL_TTT_GRAD_CLIP"),
+) for name in names.split()}
+RETIRED_PREFIXES = {"ETLB_": "nothing: not supported here", "WD_TAPER_": "nothing: weight decay is constant"}
 OUR_PREFIXES = (
     "TTT_", "GPTQ_", "LQER_", "MUON_", "PHASED_", "GLOBAL_TTT_", "SMEAR_", "ATTN_", "EMBED_",
     "TIED_", "LOOP_", "PARALLEL_", "QK_", "ROPE_", "EVAL_", "VAL_", "TRAIN_", "MLP_", "GATED_",
@@ -230,19 +268,36 @@ def parse_env_value(raw: str, typ, name: str):
         raise ValueError(f"{name}={raw!r}: expected {typ.__name__}") from None
 
 
+def typo_of(key: str, names) -> str | None:
+    """The declared name `key` is a typo of: nearly the same string, or the same words with one of
+    them misspelt (MATRIX_LRR -> MATRIX_LR). A shared suffix is not enough (GPTQ_ENABLED is not
+    TTT_ENABLED)."""
+    words = key.split("_")
+    for name in names:
+        if difflib.SequenceMatcher(None, key, name).ratio() >= 0.9:
+            return name
+        diff = [(a, b) for a, b in zip(words, name.split("_")) if a != b]
+        if len(name.split("_")) == len(words) and len(diff) == 1 and \
+                difflib.SequenceMatcher(None, *diff[0]).ratio() >= 0.75:
+            return name
+    return None
+
+
 def load_config(environ=None) -> Hyperparameters:
-    """Build the config from declared env names; refuse names that look like ours but are not."""
+    """Build the config from declared env names; refuse names of older records and names that look
+    like ours but are not declared."""
     environ = os.environ if environ is None else environ
     fields = {f.name.upper(): f for f in dataclasses.fields(Hyperparameters)}
     values = {}
     for key, raw in environ.items():
+        retired = RENAMED.get(key) or next((v for p, v in RETIRED_PREFIXES.items() if key.startswith(p)), None)
         if key in fields:
             values[fields[key].name] = parse_env_value(raw, fields[key].type, key)
-        elif key in RENAMED:
-            raise ValueError(f"env {key} is not read by this script; use {RENAMED[key]}")
-        elif key.startswith(OUR_PREFIXES) or difflib.get_close_matches(key, fields, 1, 0.88):
-            close = difflib.get_close_matches(key, fields, 1, 0.6)
-            hint = f" (did you mean {close[0]}?)" if close else ""
+        elif retired:
+            raise ValueError(f"env {key} (an older record's name) is not read by this script; use {retired}")
+        elif key.startswith(OUR_PREFIXES) or typo_of(key, fields):
+            close = typo_of(key, fields)
+            hint = f" (did you mean {close}?)" if close else ""
             raise ValueError(f"unknown env var {key}{hint}; `python train_gpt.py --help` lists all")
     if values.get("smoke"):
         values = {**SMOKE_PRESET, **values}
@@ -250,12 +305,14 @@ def load_config(environ=None) -> Hyperparameters:
 
 
 def config_help() -> str:
-    """Every env var with its default and the comment of its field in the source."""
+    """Every env var with its default and the comment of its field in the source, then what
+    SMOKE=1 changes."""
     notes = dict(re.findall(r"^    (\w+): \w+ = .*?  # (.*)$", source_text(), re.M))
     lines = ["Env vars (NAME = default  # meaning):"]
     for f in dataclasses.fields(Hyperparameters):
-        note = f"  # {notes[f.name]}" if f.name in notes else ""
-        lines.append(f"  {f.name.upper()} = {f.default!r}{note}")
+        lines.append(f"  {f.name.upper()} = {f.default!r}  # {notes.get(f.name, '?')}")
+    lines.append("SMOKE=1 sets these defaults (an env var that is set still wins):")
+    lines += [f"  {k.upper()} = {v!r}" for k, v in SMOKE_PRESET.items()]
     return "\n".join(lines)
 
 
@@ -433,20 +490,21 @@ def lut_target_bytes(tokens: np.ndarray, lut) -> np.ndarray:
     return base[tgt] + (space[tgt] & ~boundary[prev])
 
 
-def doc_hashes(tokens: np.ndarray, bos_id: int) -> np.ndarray:
-    """A 64-bit order-sensitive hash of every BOS-delimited document (vectorized, wraps mod 2^64).
-    Tokens before the first BOS belong to no document and are ignored."""
-    tokens = np.asarray(tokens)
-    starts = np.flatnonzero(tokens == bos_id)
-    if starts.size == 0:
-        return np.zeros(0, np.uint64)
-    t, starts = tokens[starts[0]:].astype(np.uint64), starts - starts[0]
-    pos = (np.arange(t.size) - np.repeat(starts, np.diff(np.append(starts, t.size)))).astype(np.uint64)
-    with np.errstate(over="ignore"):
-        mixed = (t + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15) ^ pos * np.uint64(0xBF58476D1CE4E5B9)
-        mixed ^= mixed >> np.uint64(29)
-        mixed *= np.uint64(0x94D049BB133111EB)
-    return np.add.reduceat(mixed, starts)
+def check_shards(paths: list, entries: list, full: bool) -> None:
+    """Shards against their manifest entries: header and size always (cheap: train shards are read
+    only later, by the loader thread), and with `full` the sha256 of the whole file (val: a changed
+    val byte changes the score)."""
+    fix = "rebuild it (data/prepare.py) or download it again (data/download.py)"
+    for path, entry in zip(paths, entries):
+        try:
+            n = read_shard(path).size
+        except DataError as e:
+            raise DataError(f"{e}: corrupted file? {fix}") from None
+        if n != entry["tokens"]:
+            raise DataError(f"{path}: {n} tokens, manifest.json says {entry['tokens']}: {fix}")
+        if full and sha256_file(path) != entry["sha256"]:
+            raise DataError(f"{path}: sha256 differs from manifest.json (changed after the data was "
+                            f"built): {fix}")
 
 
 @dataclass
@@ -497,6 +555,8 @@ def load_data_spec(h: Hyperparameters) -> DataSpec:
                             f"{want}; found {[os.path.basename(f) for f in byte_files]}")
     elif man["byte_source"] != "lut":
         raise DataError(f"{mpath}: unknown byte_source {man['byte_source']!r}")
+    check_shards(train, man["train"]["shards"], full=False)
+    check_shards(val + byte_files, man["val"]["shards"] + man["val"]["byte_shards"], full=True)
     return DataSpec(man["variant"], man["byte_source"], tok.get("bos_id", 1), train, val,
                     byte_files, sha256_file(mpath), man["val"]["tokens"], man["val"].get("scored_bytes"))
 
@@ -535,27 +595,6 @@ def load_val_data(spec: DataSpec, h: Hyperparameters) -> ValData:
                    spec.bos_id)
 
 
-def assert_disjoint(val_files: list, train_files: list, bos_id: int) -> int:
-    """Refuse any train document with the same tokens as a val document; returns the number of
-    val docs hashed. Documents straddling two train shards are hashed whole (each shard's
-    unfinished last document is carried into the next); empty documents (BOS alone) are skipped.
-    data/prepare.py and data/download.py run this same check."""
-    def hashes(tokens):
-        lengths = np.diff(np.append(np.flatnonzero(tokens == bos_id), tokens.size))
-        return set(doc_hashes(tokens, bos_id)[lengths > 1].tolist())
-
-    val = hashes(np.concatenate([read_shard(f) for f in val_files]))
-    carry = np.zeros(0, np.uint16)
-    for i, f in enumerate(train_files):
-        tokens = np.concatenate([carry, read_shard(f)])
-        starts = np.flatnonzero(tokens == bos_id)
-        cut = starts[-1] if i < len(train_files) - 1 and starts.size else tokens.size
-        body, carry = tokens[:cut], tokens[cut:]
-        if val & hashes(body):
-            raise DataError(f"{f}: train documents identical to val documents (train/val overlap)")
-    return len(val)
-
-
 class TrainLoader:
     """Sequential document packing, the same for every world size.
 
@@ -563,12 +602,15 @@ class TrainLoader:
     shards in order (inputs = slot[:-1], targets = slot[1:]). Rank r's micro-step i reads slot
     r * grad_accum + i, so 1 and 8 GPUs train on identical batches. A background thread keeps two
     steps ready in pinned memory. The stream starts at the first BOS and wraps after the last shard.
+    An exception in the thread is raised by next_step (every rank reads the same shards, so every
+    rank stops at the same step; torchrun ends the others when one fails).
     """
 
     def __init__(self, files: list, slot_tokens: int, d: Dist, prefetch: int = 2):
         self.files, self.slot, self.d = files, slot_tokens + 1, d
         self.queue = queue.Queue(maxsize=prefetch)
-        threading.Thread(target=self._fill, daemon=True).start()
+        self.thread = threading.Thread(target=self._fill, daemon=True)
+        self.thread.start()
 
     def _spans(self):
         need, index = 8 * self.slot, 0
@@ -586,14 +628,26 @@ class TrainLoader:
 
     def _fill(self):
         first = self.d.rank * self.d.grad_accum
-        for span in self._spans():
-            mine = span[first * self.slot:(first + self.d.grad_accum) * self.slot]
-            batch = torch.from_numpy(mine.astype(np.int32)).view(self.d.grad_accum, self.slot)
-            self.queue.put(batch.pin_memory() if self.d.device.type == "cuda" else batch)
+        try:
+            for span in self._spans():
+                mine = span[first * self.slot:(first + self.d.grad_accum) * self.slot]
+                batch = torch.from_numpy(mine.astype(np.int32)).view(self.d.grad_accum, self.slot)
+                self.queue.put(batch.pin_memory() if self.d.device.type == "cuda" else batch)
+        except BaseException as e:  # handed to the main thread, which would otherwise wait forever
+            self.queue.put(e)
 
     def next_step(self):
         """One (inputs, targets) pair of shape [1, slot_tokens] per micro-step of this rank."""
-        batch = self.queue.get().to(self.d.device, non_blocking=True).long()
+        while True:
+            try:
+                batch = self.queue.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self.thread.is_alive():
+                    raise RuntimeError("train loader thread ended without a batch or an error") from None
+        if isinstance(batch, BaseException):
+            raise RuntimeError(f"train loader thread failed: {type(batch).__name__}: {batch}") from batch
+        batch = batch.to(self.d.device, non_blocking=True).long()
         return [(row[None, :-1], row[None, 1:]) for row in batch]
 
 
@@ -716,15 +770,49 @@ def attention(q, k, v, seg, backend: str, max_len: int):
     return y.transpose(1, 2)
 
 
-def pick_attention_backend(device: torch.device, choice: str = "auto") -> str:
-    """auto: FA3 when importable, else flex on GPU; sdpa (an explicit mask) on CPU."""
+def pick_attention_backend(device: torch.device, choice: str = "auto", h=None) -> str:
+    """auto: FA3 when importable, else flex on GPU; sdpa (an explicit mask) on CPU. With `h`,
+    sdpa on a GPU is refused when its mask would not fit (sdpa_refusal)."""
     if choice == "auto":
         return "sdpa" if device.type != "cuda" else "fa3" if flash_attn_varlen_func else "flex"
     kernel = {"fa3": flash_attn_varlen_func, "varlen": varlen_attn, "flex": flex_attention}
     if kernel.get(choice, True) is None or (choice != "sdpa" and device.type != "cuda"):
         raise RuntimeError(f"ATTN_BACKEND={choice} is not available here (torch {torch.__version__}, "
                            f"{device.type}); use auto")
+    why = sdpa_refusal(h) if choice == "sdpa" and device.type == "cuda" and h is not None else None
+    if why:
+        raise ValueError(why)
     return choice
+
+
+# sdpa with an explicit mask may run PyTorch's math kernel, which keeps fp32 scores of every head:
+# at most this many bytes per layer (the record's training row would need 309 GB, its mask 9.7 GB).
+SDPA_MAX_SCORE_BYTES = 2**30
+
+
+def sdpa_mask_shapes(h) -> dict:
+    """(rows, length) of each kind of attention call of a run; sdpa builds a boolean mask of
+    rows x length x length for each."""
+    shapes = {"training rows (TRAIN_BATCH_TOKENS / 8 tokens each)": (1, h.slot_tokens)}
+    if h.ttt_enabled:
+        shapes["TTT batches (TTT_BATCH_SIZE x TTT_EVAL_SEQ_LEN)"] = (h.ttt_batch_size, h.ttt_eval_seq_len)
+        shapes["global TTT micro-batches (GLOBAL_TTT_BATCH_SEQS x TTT_EVAL_SEQ_LEN)"] = (
+            h.global_ttt_batch_seqs, h.ttt_eval_seq_len)
+    if h.sliding_enabled:
+        shapes["sliding windows (VAL_BATCH_TOKENS / 8 / EVAL_SEQ_LEN x EVAL_SEQ_LEN)"] = (
+            max(1, h.val_batch_tokens // 8 // h.eval_seq_len), h.eval_seq_len)
+    return shapes
+
+
+def sdpa_refusal(h) -> str | None:
+    """Why ATTN_BACKEND=sdpa cannot run this configuration on a GPU, or None if it can."""
+    cost = lambda rn: rn[0] * h.num_heads * rn[1] ** 2 * 4  # noqa: E731  (fp32 scores, one layer)
+    what, (rows, n) = max(sdpa_mask_shapes(h).items(), key=lambda kv: cost(kv[1]))
+    if cost((rows, n)) <= SDPA_MAX_SCORE_BYTES:
+        return None
+    return (f"ATTN_BACKEND=sdpa would build a [{rows}, {n}, {n}] boolean mask ({rows * n * n / 1e9:.1f} GB) "
+            f"and up to {cost((rows, n)) / 1e9:.0f} GB of attention scores per layer for the {what}: "
+            "use ATTN_BACKEND=auto (FA3 or flex) or varlen on a GPU, or shrink those shapes")
 
 
 def apply_rope(x, cos, sin, dims: int):
@@ -1012,7 +1100,7 @@ class GPT(nn.Module):
         super().__init__()
         self.h, self.bos_id, self.backend, self.looping = h, bos_id, backend, False
         self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
-        nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
+        nn.init.normal_(self.tok_emb.weight, std=TIED_EMBED_INIT_STD)
         self.blocks = nn.ModuleList(Block(h, i) for i in range(h.num_layers))
         n_skip = len(self.layer_order(True)) // 2
         self.skip_weights = nn.Parameter(torch.ones(n_skip, h.model_dim))
@@ -1043,7 +1131,7 @@ class GPT(nn.Module):
 
     def rope(self, T: int, device):
         d = self.h.rope_dims
-        inv = self.h.rope_base ** (-torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
+        inv = ROPE_BASE ** (-torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
         f = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv)
         return f.cos().to(self.compute_dtype), f.sin().to(self.compute_dtype)
 
@@ -1078,7 +1166,7 @@ class GPT(nn.Module):
         """Per-token NLL [B, T] in nats; callers reduce (mean for training, sums for BPB)."""
         x = self.hidden(idx, lora)
         delta = None if lora is None else lora_delta(x, lora["head"], lora["scale"])
-        return self.nll(x, self.tok_emb.weight, targets, self.h.logit_softcap, delta)
+        return self.nll(x, self.tok_emb.weight, targets, LOGIT_SOFTCAP, delta)
 
 
 def compile_model(model: GPT) -> None:
@@ -1162,7 +1250,7 @@ class Muon:
             st["buf"].mul_(momentum).add_(g)
             u = g + momentum * st["buf"]  # Nesterov
             u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-7)  # MuonEq-R row normalization
-            update = orthogonalize(u, self.h.muon_backend_steps) * math.sqrt(max(1, shape[0] / shape[1]))
+            update = orthogonalize(u, MUON_BACKEND_STEPS) * math.sqrt(max(1, shape[0] / shape[1]))
             full = all_gather_cat(update, self.d)[:len(ps)]  # drop the padding of the stack
             torch._foreach_mul_(ps, 1 - lr * self.h.muon_wd)
             torch._foreach_add_(ps, list(full.unbind(0)), alpha=-lr)
@@ -1199,7 +1287,7 @@ class Optimizers:
         self.adam = torch.optim.AdamW(
             [dict(params=emb, lr=h.tied_embed_lr, weight_decay=h.embed_wd),
              dict(params=small, lr=h.scalar_lr, weight_decay=h.adam_wd)],
-            betas=(h.beta1, h.beta2), eps=h.adam_eps, fused=d.device.type == "cuda")
+            betas=(ADAM_BETA1, h.beta2), eps=ADAM_EPS, fused=d.device.type == "cuda")
         self.base_lrs = [g["lr"] for g in self.adam.param_groups]
         self.d, self.h = d, h
 
@@ -1279,7 +1367,7 @@ GPTQ_SUFFIXES = {  # weight name suffix -> tensor class (bits and clip sigma com
 }
 MATRIX_CLASSES = ("embed", "attn", "mlp", "matrix")  # the GPTQ'd (and LQER-eligible) classes
 PASSTHROUGH_MAX_NUMEL = 65536  # float tensors up to this size are kept as fp16
-GPTQ_DAMP_TRIES = 4  # damping h.gptq_damp * 10**k, k < 4, before falling back to rounding
+GPTQ_DAMP_TRIES = 4  # damping GPTQ_DAMP * 10**k, k < 4, before falling back to rounding
 
 
 def clip_range(bits: int) -> int:
@@ -1411,16 +1499,16 @@ def class_bits_sigma(cls: str, h) -> tuple:
     }[cls]
 
 
-def gptq_damped(W: torch.Tensor, H: torch.Tensor, bits: int, sigma: float, h) -> tuple:
+def gptq_damped(W: torch.Tensor, H: torch.Tensor, bits: int, sigma: float) -> tuple:
     """GPTQ, retried with 10x the damping while the Cholesky fails: Hessians accumulated in
     fp32 from heavy-tailed activations can be slightly indefinite (seen on an mlp.proj Hessian).
     Returns ((q, s), damp), or (None, None) when the Hessian is unusable."""
     if not bool(torch.isfinite(H).all()):
         return None, None
     for k in range(GPTQ_DAMP_TRIES):
-        damp = h.gptq_damp * 10**k
+        damp = GPTQ_DAMP * 10**k
         try:
-            return gptq_quantize(W, H, bits, sigma, h.gptq_block_size, damp), damp
+            return gptq_quantize(W, H, bits, sigma, GPTQ_BLOCK_SIZE, damp), damp
         except torch.linalg.LinAlgError:
             continue
     return None, None
@@ -1429,13 +1517,13 @@ def gptq_damped(W: torch.Tensor, H: torch.Tensor, bits: int, sigma: float, h) ->
 def quantize_matrix(W: torch.Tensor, H, cls: str, h) -> tuple:
     """GPTQ one matrix on its Hessian's device; round to nearest when there is no usable Hessian."""
     bits, sigma = class_bits_sigma(cls, h)
-    qs, damp = (None, None) if H is None else gptq_damped(W.to(H.device), H, bits, sigma, h)
+    qs, damp = (None, None) if H is None else gptq_damped(W.to(H.device), H, bits, sigma)
     if qs is None:
         q, s = rtn_quantize(W, bits, sigma)
         label = f"rtn (int{bits}, {'no hessian' if H is None else 'hessian unusable'})"
     else:
         q, s = qs
-        label = f"gptq (int{bits}" + (f", damp {damp:g})" if damp != h.gptq_damp else ")")
+        label = f"gptq (int{bits}" + (f", damp {damp:g})" if damp != GPTQ_DAMP else ")")
     return {"kind": "rows", "bits": bits, "q": q.cpu(), "s": s.cpu()}, label
 
 
@@ -1653,10 +1741,12 @@ def add_gram(hess: dict, name: str, x: torch.Tensor):
 def collect_hessians(model: GPT, spec: DataSpec, h: Hyperparameters, d: Dist) -> dict:
     """H = mean of X^T X over calibration rows for every matrix input (tok_emb: the final-norm
     output that feeds the tied head). Runs an eager copy of the model so hooks see every call,
-    looped layers included, and averages over ranks so every rank quantizes identically."""
+    looped layers included (loop on whenever NUM_LOOPS > 0, as the artifact is scored, even if
+    training stopped before the loop switched on), and averages over ranks so every rank
+    quantizes identically."""
     calib = GPT(h, model.bos_id, model.backend).to(d.device)
     calib.load_state_dict(model.state_dict())
-    calib.looping, hess = model.looping, {}
+    calib.looping, hess = h.num_loops > 0, {}  # the state the scored model runs (scoring_state)
     for name, mod in calib.named_modules():
         if isinstance(mod, Attention):  # c_q, c_k, c_v read the attention input (Attention.qkv)
             mod.register_forward_hook(lambda m, inp, out, n=name + ".c_q.weight": add_gram(hess, n, inp[0]))
@@ -1998,7 +2088,7 @@ def ttt_chunk(model, lora, opt, vd: ValData, p: dict, h, led, score_after_update
 def ttt_batch(model, lora, docs, starts, ends, vd, h, led, score_after_update=False):
     """One batch: fresh optimizer state (B was zeroed by the caller), chunks in order."""
     params = [t for ab in lora_pairs(lora) for t in ab]
-    opt = torch.optim.AdamW(params, lr=h.ttt_lora_lr, betas=(h.ttt_beta1, h.ttt_beta2),
+    opt = torch.optim.AdamW(params, lr=h.ttt_lora_lr, betas=(TTT_BETA1, h.ttt_beta2),
                             eps=1e-10, weight_decay=h.ttt_weight_decay, fused=vd.tokens.is_cuda)
     docs = np.pad(docs, (0, h.ttt_batch_size - docs.size), constant_values=-1)
     sums = torch.zeros(3, dtype=torch.float64, device=vd.tokens.device)
@@ -2084,7 +2174,7 @@ def stream_step(model: GPT, stream, lo: int, hi: int, h, d: Dist, opt, lr: float
                                      for p in params]))
         for p, g in zip(params, flat.split([p.numel() for p in params])):
             p.grad = g.view_as(p)
-    torch.nn.utils.clip_grad_norm_(params, h.global_ttt_grad_clip)
+    torch.nn.utils.clip_grad_norm_(params, GLOBAL_TTT_GRAD_CLIP)
     for g in opt.param_groups:
         g["lr"] = lr
     opt.step()
@@ -2097,13 +2187,13 @@ def global_sgd(model: GPT, stream, h: Hyperparameters, d: Dist, budget, log, tag
     chunks. The forward is GPT.forward, documents kept apart by its BOS masking."""
     ct = h.global_ttt_chunk_tokens
     n_chunks = -(-(stream.numel() - 1) // ct)
-    opt = torch.optim.SGD(model.parameters(), lr=h.global_ttt_lr, momentum=h.global_ttt_momentum)
+    opt = torch.optim.SGD(model.parameters(), lr=h.global_ttt_lr, momentum=GLOBAL_TTT_MOMENTUM)
     model.requires_grad_(True)
     steps = 0
-    for k in range(h.global_ttt_epochs * (n_chunks - 1)):
+    for k in range(GLOBAL_TTT_EPOCHS * (n_chunks - 1)):
         c = k % (n_chunks - 1)
         if budget is not None and not budget.fits():
-            log(f"{tag}: stopped after {steps} of {h.global_ttt_epochs * (n_chunks - 1)} steps "
+            log(f"{tag}: stopped after {steps} of {GLOBAL_TTT_EPOCHS * (n_chunks - 1)} steps "
                 f"(EVAL_BUDGET_SECONDS={h.eval_budget_seconds:g} would be exceeded)")
             break
         lr = h.global_ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (n_chunks - 1)))
@@ -2435,17 +2525,26 @@ def log_header(log, h: Hyperparameters, d: Dist, spec: DataSpec, val: ValData, b
 def quantize_fit(sd: dict, hess: dict, h, budget: int, log, ledger) -> tuple:
     """GPTQ + serialize. While the blob exceeds `budget` bytes (and FIT_TO_CAP), raise the MLP clip
     sigma by the size rule H ~ bits - log2(k) (spec 5.3): MLP codes shrink by n/8 * log2(k'/k)
-    bytes. The record tuned k by hand to land just under the cap; this does it per run."""
+    bytes. The record tuned k by hand to land just under the cap; this does it per run, at most
+    FIT_TRIES times and up to FIT_MAX_SIGMA_RATIO x the configured k, and logs why it stopped."""
     n_mlp = sum(t.numel() for n, t in sd.items() if tensor_class(n, t) == "mlp")
+    k_max = FIT_MAX_SIGMA_RATIO * h.mlp_clip_sigmas
     for attempt in range(FIT_TRIES + 1):
         with ledger.phase("gptq_quantize"):
             qstate, _ = quantize_state_dict(sd, hess, h, log)
         with ledger.phase("serialize"):
             blob = serialize(qstate, h)  # stored_bytes moves every tensor to the CPU
         over = len(blob) - budget
-        if over <= 0 or not h.fit_to_cap or not n_mlp or attempt == FIT_TRIES:
+        stop = ("it fits" if over <= 0 else "FIT_TO_CAP=0" if not h.fit_to_cap else
+                "no MLP matrix to requantize" if not n_mlp else f"{FIT_TRIES} requantizations done"
+                if attempt == FIT_TRIES else f"MLP_CLIP_SIGMAS reached its bound {k_max:.3f} "
+                f"({FIT_MAX_SIGMA_RATIO:g} x the configured value)" if h.mlp_clip_sigmas >= k_max else None)
+        if stop:
+            if attempt or over > 0:
+                log(f"fit_to_cap: stopped ({stop}) at MLP_CLIP_SIGMAS {h.mlp_clip_sigmas:.3f}: model "
+                    f"{len(blob)} B, budget {budget} B left by the code")
             return blob, h.mlp_clip_sigmas
-        k = h.mlp_clip_sigmas * 2 ** (8 * (over * 1.1 + FIT_SLACK_BYTES) / n_mlp)
+        k = min(h.mlp_clip_sigmas * 2 ** (8 * (over * 1.1 + FIT_SLACK_BYTES) / n_mlp), k_max)
         log(f"fit_to_cap: model {len(blob)} B is {over} B over the {budget} B the code leaves; "
             f"requantizing with MLP_CLIP_SIGMAS {h.mlp_clip_sigmas:.3f} -> {k:.3f}")
         h = copy.copy(h)
@@ -2454,6 +2553,19 @@ def quantize_fit(sd: dict, hess: dict, h, budget: int, log, ledger) -> tuple:
 
 FIT_TRIES = 3  # requantizations at most (each ~7 s GPTQ + ~7 s brotli on an H100)
 FIT_SLACK_BYTES = 4096  # aim this far under the cap: the size rule is approximate
+# (b, 2k) costs about what (b - 1, k) does (spec 5.3): past 2x the configured sigma every MLP weight
+# has lost a bit, so the model is too big for the cap and no sigma should hide that.
+FIT_MAX_SIGMA_RATIO = 2.0
+
+
+def code_room(code_path: str) -> int:
+    """Bytes that the running file leaves the model under the cap. None left: refused before any
+    training (FIT_TO_CAP could only requantize toward a useless model)."""
+    room = ARTIFACT_CAP - os.path.getsize(code_path)
+    if room <= 0:
+        raise ValueError(f"{code_path} is {os.path.getsize(code_path)} B, which leaves no room for the "
+                         f"model under the {ARTIFACT_CAP} B cap: run the packed file (tools/pack.py)")
+    return room
 
 
 def quantize_stage(model: GPT, spec: DataSpec, h, d, log, ledger, stats: dict) -> tuple:
@@ -2468,7 +2580,7 @@ def quantize_stage(model: GPT, spec: DataSpec, h, d, log, ledger, stats: dict) -
         log(f"WARNING: training data was read for {train_total:.1f}s, past the "
             f"{h.max_wallclock_seconds:.0f}s budget: raise GPTQ_RESERVE_SECONDS")
     sd = {k: v.detach().float() for k, v in model.state_dict().items()}
-    budget = ARTIFACT_CAP - os.path.getsize(os.path.abspath(__file__))  # what the code leaves
+    budget = code_room(os.path.abspath(__file__))
     blob, mlp_sigmas = quantize_fit(sd, hess, h, budget, log, ledger)
     path = os.path.join(h.artifact_dir, "final_model.ptz")
     if d.is_main:
@@ -2495,15 +2607,15 @@ def logged_eval(name: str, model: GPT, val: ValData, h, d, log, ledger) -> Score
 
 
 def setup(h: Hyperparameters):
-    spec = load_data_spec(h)  # all input checks happen before any GPU work
+    """Every input check comes before any GPU work: data and manifest, code size, attention."""
+    spec = load_data_spec(h)
+    code_room(os.path.abspath(__file__))
+    backend = pick_attention_backend(torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+                                     h.attn_backend, h)
     d = init_distributed(h)
     log, ledger = Logger(h.run_id, d.is_main), Ledger(d.device)
     val = load_val_data(spec, h)
-    backend = pick_attention_backend(d.device, h.attn_backend)
     log_header(log, h, d, spec, val, backend)
-    if h.check_disjoint and d.is_main:
-        n = assert_disjoint(spec.val_files, spec.train_files, spec.bos_id)
-        log(f"check_disjoint: {n} val docs, none in {len(spec.train_files)} train shards")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return spec, d, log, ledger, val, backend
 
@@ -2539,7 +2651,7 @@ def log_graphs(counts: list, log) -> dict:
 
 
 def main():
-    if "--help" in sys.argv[1:]:
+    if {"--help", "-h"} & set(sys.argv[1:]):
         print(__doc__ + "\n" + config_help())
         return
     h = load_config()

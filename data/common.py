@@ -1,7 +1,8 @@
 """Shared pieces of the data pipeline: documents in, shards out, and the byte accounting.
 
-The scorer is train_gpt.py; this module imports it (shard reader, doc hashes, manifest checks)
+The scorer is train_gpt.py; this module imports it (shard reader, byte LUT, manifest checks)
 rather than re-implementing it, so the proof in prepare.py `verify` exercises the scoring code.
+The train/val disjointness check lives here: it is data preparation, not scoring.
 """
 
 import hashlib
@@ -168,9 +169,49 @@ def doc_starts(tokens: np.ndarray) -> np.ndarray:
     return np.flatnonzero(tokens == BOS_ID)
 
 
-def check_disjoint(val_files, train_files) -> int:
-    """The scorer's own check (train_gpt.assert_disjoint): no train document equals a val one."""
-    return train_gpt.assert_disjoint(val_files, train_files, BOS_ID)
+def doc_hashes(tokens: np.ndarray, bos_id: int = BOS_ID) -> np.ndarray:
+    """A 64-bit order-sensitive hash of every BOS-delimited document (vectorized, wraps mod 2^64).
+    Tokens before the first BOS belong to no document and are ignored."""
+    tokens = np.asarray(tokens)
+    starts = np.flatnonzero(tokens == bos_id)
+    if starts.size == 0:
+        return np.zeros(0, np.uint64)
+    t, starts = tokens[starts[0]:].astype(np.uint64), starts - starts[0]
+    pos = (np.arange(t.size) - np.repeat(starts, np.diff(np.append(starts, t.size)))).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        mixed = (t + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15) ^ pos * np.uint64(0xBF58476D1CE4E5B9)
+        mixed ^= mixed >> np.uint64(29)
+        mixed *= np.uint64(0x94D049BB133111EB)
+    return np.add.reduceat(mixed, starts)
+
+
+def check_disjoint(val_files, train_files, bos_id: int = BOS_ID) -> int:
+    """Refuse any train document with the same tokens as a val document; returns the number of
+    val docs hashed. Documents straddling two train shards are hashed whole (each shard's
+    unfinished last document is carried into the next); empty documents (BOS alone) are skipped.
+    prepare.py and download.py run it when they build data; `prepare.py disjoint DIR` on demand."""
+    def hashes(tokens):
+        lengths = np.diff(np.append(np.flatnonzero(tokens == bos_id), tokens.size))
+        return set(doc_hashes(tokens, bos_id)[lengths > 1].tolist())
+
+    val = hashes(concat_shards(val_files))
+    carry = np.zeros(0, np.uint16)
+    for i, f in enumerate(train_files):
+        tokens = np.concatenate([carry, train_gpt.read_shard(f)])
+        starts = np.flatnonzero(tokens == bos_id)
+        cut = starts[-1] if i < len(train_files) - 1 and starts.size else tokens.size
+        body, carry = tokens[:cut], tokens[cut:]
+        if val & hashes(body):
+            raise DataError(f"{f}: train documents identical to val documents (train/val overlap)")
+    return len(val)
+
+
+def check_disjoint_dir(data_dir: str) -> int:
+    """check_disjoint over the shards of `data_dir` that its manifest.json lists (train: those on disk)."""
+    man = json.load(open(os.path.join(data_dir, "manifest.json")))
+    paths = [[p for s in man[split]["shards"] if os.path.isfile(p := os.path.join(data_dir, s["name"]))]
+             for split in ("val", "train")]
+    return check_disjoint(*paths, man["tokenizer"].get("bos_id", BOS_ID))
 
 
 def write_manifest(path: str, man: dict) -> None:

@@ -4,6 +4,7 @@
       --tokenizer-model fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model [--val-docs 50000]
   python data/prepare.py --docs ... --variant casefold --out DIR --train-tokenizer --vocab-size 8192
   python data/prepare.py verify DIR --docs docs.jsonl.xz [--val-docs N]   # the exact-bytes proof
+  python data/prepare.py disjoint DIR                                     # no train doc equals a val doc
   python data/prepare.py smoke                                            # ./data/smoke, no download
 
 Input: .jsonl, .jsonl.xz or .jsonl.zst files read in order, one {"text": ...} per line. The first
@@ -264,6 +265,16 @@ def main(argv=None) -> int:
         from data.verify import main as verify_main
 
         return verify_main(argv[1:])
+    if argv[:1] == ["disjoint"]:
+        ap = argparse.ArgumentParser(prog="prepare.py disjoint", description=common.check_disjoint.__doc__)
+        ap.add_argument("dir", help="dataset directory with manifest.json (DATA_PATH)")
+        a = ap.parse_args(argv[1:])
+        try:
+            log(f"{a.dir}: {common.check_disjoint_dir(a.dir):,} val docs, none of them in the train shards")
+        except (DataError, OSError) as e:
+            log(f"error: {e}")
+            return 1
+        return 0
     if argv[:1] == ["smoke"]:
         ap = argparse.ArgumentParser(prog="prepare.py smoke", description=smoke.__doc__)
         ap.add_argument("--out", default=None, help="default: <repo>/data/smoke")

@@ -108,3 +108,20 @@ def test_hessians_cover_every_gptq_matrix_and_qkv_share_the_attention_input(smok
         q, k, v = (hess[f"blocks.{i}.attn.{m}.weight"] for m in ("c_q", "c_k", "c_v"))
         assert torch.equal(q, k) and torch.equal(q, v) and q.data_ptr() != k.data_ptr()
         assert not torch.equal(q, hess[f"blocks.{i}.attn.proj.weight"]) and q.trace() > 0
+
+
+def test_hessians_are_collected_loop_on_like_the_scored_model(smoke_dir):
+    """A run stopped before ENABLE_LOOPING_AT ends with model.looping False, yet its artifact is
+    scored loop-on (scoring_state): the Hessians must come from the looped model in both cases."""
+    h, d, spec = rank_setup(0, 1, smoke_dir, 0)
+    model = tg.GPT(h, spec.bos_id, "sdpa")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.looping = True
+    on = tg.collect_hessians(model, spec, h, d)
+    model.looping = False  # e.g. a wall-clock stop before the loop switched on
+    off = tg.collect_hessians(model, spec, h, d)
+    assert on.keys() == off.keys() and all(torch.equal(on[k], off[k]) for k in on)
+    tg.scoring_state(model, h)
+    assert model.looping and h.num_loops > 0

@@ -1,4 +1,10 @@
 """Muon, schedules and the strict config."""
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -54,6 +60,58 @@ def test_config_rejects_unknown_names(name, match):
         tg.load_config({name: "1"})
 
 
+# Names of the record lineage that used to run silently (issue 13), and a few more of spec 8.
+LINEAGE = ("XSA_LAST_N BIGRAM_VOCAB_SIZE BIGRAM_DIM VE_ENABLED VE_DIM VE_LAYERS LN_SCALE SWA_ENABLED "
+           "SWA_EVERY LATE_QAT_THRESHOLD MTP_NUM_HEADS TIE_EMBEDDINGS HEAD_LR EMBED_LR DATA_DIR GPTQ_ENABLED "
+           "SKIP_GATES_ENABLED ROPE_YARN MUON_ROW_NORMALIZE LQER_FACTOR_BITS TTT_LR ETLB_LR WD_TAPER_START_FRAC")
+
+
+@pytest.mark.parametrize("name", LINEAGE.split())
+def test_older_record_names_stop_the_run(name):
+    with pytest.raises(ValueError, match=f"env {name} \\(an older record's name\\) .*; use "):
+        tg.load_config({name: "1"})
+
+
+def test_typo_hints_never_point_at_an_unrelated_knob():
+    fields = [f.name.upper() for f in dataclasses.fields(tg.Hyperparameters)]
+    assert tg.typo_of("GPTQ_ENABLED", fields) is None  # not TTT_ENABLED
+    assert tg.typo_of("GPTQ_ENABLE", fields) is None and tg.typo_of("PATH", fields) is None
+    assert tg.typo_of("MATRIX_LRR", fields) == "MATRIX_LR" and tg.typo_of("LQER_ENABLE", fields) == "LQER_ENABLED"
+    assert tg.typo_of("EMA_DECAYS", fields) == "EMA_DECAY" and tg.typo_of("TTTLORA_RANK", fields) == "TTT_LORA_RANK"
+    with pytest.raises(ValueError) as e:
+        tg.load_config({"GPTQ_ENABLE": "1"})
+    assert "did you mean" not in str(e.value)
+
+
+FIXED = {"ROPE_BASE": 1e4, "LOGIT_SOFTCAP": 30.0, "TIED_EMBED_INIT_STD": 0.005, "MUON_BACKEND_STEPS": 5,
+         "BETA1": 0.9, "ADAM_EPS": 1e-8, "GPTQ_BLOCK_SIZE": 128, "GPTQ_DAMP": 0.01, "TTT_BETA1": 0.0,
+         "GLOBAL_TTT_MOMENTUM": 0.9, "GLOBAL_TTT_EPOCHS": 1, "GLOBAL_TTT_GRAD_CLIP": 1.0}
+
+
+@pytest.mark.parametrize("name,value", FIXED.items())
+def test_knobs_no_record_varied_are_fixed(name, value):
+    """Issue 16: twelve knobs no record changed are literals now; their env names say so."""
+    assert getattr(tg, "ADAM_BETA1" if name == "BETA1" else name) == value
+    assert name.lower() not in {f.name for f in dataclasses.fields(tg.Hyperparameters)}
+    with pytest.raises(ValueError, match=f"fixed at {value!r} here"):
+        tg.load_config({name: str(value)})
+
+
+def help_lines() -> str:
+    out = subprocess.run([sys.executable, tg.__file__, "-h"], capture_output=True, text=True, check=True).stdout
+    assert out == subprocess.run([sys.executable, tg.__file__, "--help"], capture_output=True, text=True).stdout
+    return out
+
+
+def test_help_gives_every_env_var_a_meaning_and_shows_smoke():
+    out = help_lines()
+    rows = dict(re.findall(r"^  ([A-Z0-9_]+) = .*?  # (.*)$", out, re.M))
+    for f in dataclasses.fields(tg.Hyperparameters):
+        assert rows.get(f.name.upper(), "?") not in ("", "?"), f"{f.name.upper()} has no meaning in --help"
+    smoke = out.split("SMOKE=1 sets")[1]
+    assert all(f"  {k.upper()} = {v!r}" in smoke for k, v in tg.SMOKE_PRESET.items())
+
+
 def test_config_hash_ignores_seed_only():
     a, b = tg.load_config({"SEED": "1"}), tg.load_config({"SEED": "2", "RUN_ID": "x"})
     assert a.config_hash() == b.config_hash()
@@ -73,6 +131,29 @@ def test_attn_backend_choice_is_checked():
     for gpu_only in ("fa3", "varlen", "flex"):  # asked for explicitly: an error, never a silent swap
         with pytest.raises(RuntimeError, match=f"ATTN_BACKEND={gpu_only}"):
             tg.pick_attention_backend(cpu, gpu_only)
+
+
+def test_sdpa_on_a_gpu_is_refused_at_record_shapes():
+    """The pure decision (no GPU touched): the record's 98,304-token training row would need a
+    [1, 98304, 98304] mask; the smoke shapes pass, and CPU sdpa is never refused."""
+    cuda, record, smoke = torch.device("cuda"), tg.load_config({}), tg.load_config({"SMOKE": "1"})
+    with pytest.raises(ValueError, match=r"ATTN_BACKEND=sdpa .*\[1, 98304, 98304\] .*training rows"):
+        tg.pick_attention_backend(cuda, "sdpa", record)
+    assert tg.pick_attention_backend(cuda, "sdpa", smoke) == "sdpa" and tg.sdpa_refusal(smoke) is None
+    assert tg.pick_attention_backend(torch.device("cpu"), "sdpa", record) == "sdpa"
+    ttt_heavy = tg.load_config({"SMOKE": "1", "TTT_BATCH_SIZE": "64", "TTT_EVAL_SEQ_LEN": "2048",
+                                "TRAIN_SEQ_LEN": "2048"})
+    assert "TTT batches" in tg.sdpa_refusal(ttt_heavy)
+
+
+def test_setup_refuses_sdpa_before_any_gpu_work(smoke_dir, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(tg, "init_distributed", lambda h: pytest.fail("setup reached init_distributed"))
+    h = tg.load_config({"SMOKE": "1", "DATA_PATH": smoke_dir, "ATTN_BACKEND": "sdpa",
+                        "TOKENIZER_PATH": os.path.join(smoke_dir, "smoke_caseops_1024.model"),
+                        "TRAIN_BATCH_TOKENS": "786432"})
+    with pytest.raises(ValueError, match="ATTN_BACKEND=sdpa"):
+        tg.setup(h)
 
 
 def test_throughput_check_warns_only_well_below_the_reference():

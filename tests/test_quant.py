@@ -21,9 +21,8 @@ from train_gpt import (  # noqa: E402
 
 def config(**kw):
     base = dict(matrix_bits=6, embed_bits=7, attn_clip_sigmas=13.0, mlp_clip_sigmas=11.5,
-                embed_clip_sigmas=14.0, matrix_clip_sigmas=12.85, gptq_block_size=128,
-                gptq_damp=0.01, lqer_enabled=True, lqer_rank=4, lqer_top_k=3, lqer_asym_group=64,
-                compressor="brotli")
+                embed_clip_sigmas=14.0, matrix_clip_sigmas=12.85, lqer_enabled=True, lqer_rank=4,
+                lqer_top_k=3, lqer_asym_group=64, compressor="brotli")
     return types.SimpleNamespace(**{**base, **kw})
 
 
@@ -246,6 +245,28 @@ def test_fit_to_cap_raises_mlp_sigma_until_the_blob_fits():
     assert deserialize(blob).keys() == sd.keys()
     same, k1 = quantize_fit(sd, hess, config(fit_to_cap=False), budget, quiet, ledger)
     assert same == base and k1 == 11.5
+
+
+def test_fit_to_cap_sigma_search_is_bounded_and_says_why():
+    """Code alone over the cap once drove MLP_CLIP_SIGMAS 11.5 -> 106,384 -> 6.8e7 -> 4.0e10: the
+    search stops at FIT_MAX_SIGMA_RATIO x the configured sigma and logs why."""
+    sd = toy_state_dict()
+    hess, ledger, lines = toy_hessians(sd), Ledger(torch.device("cpu")), []
+    blob, k = quantize_fit(sd, hess, config(fit_to_cap=True), -10**6, lines.append, ledger)
+    fit = [line for line in lines if line.startswith("fit_to_cap")]
+    assert k == 2 * 11.5 and len(fit) == 2 and deserialize(blob).keys() == sd.keys()
+    assert "-> 23.000" in fit[0] and fit[1].startswith("fit_to_cap: stopped (MLP_CLIP_SIGMAS reached its bound")
+
+
+def test_code_over_the_cap_is_refused_before_training(smoke_dir, monkeypatch):
+    import train_gpt as tg
+
+    monkeypatch.setattr(tg, "ARTIFACT_CAP", 1000)  # the running file is far over it
+    monkeypatch.setattr(tg, "init_distributed", lambda h: pytest.fail("setup reached init_distributed"))
+    h = tg.load_config({"SMOKE": "1", "DATA_PATH": smoke_dir,
+                        "TOKENIZER_PATH": os.path.join(smoke_dir, "smoke_caseops_1024.model")})
+    with pytest.raises(ValueError, match="leaves no room for the model under the 1000 B cap"):
+        tg.setup(h)
 
 
 def test_lqer_picks_largest_errors(quantized):
