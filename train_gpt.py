@@ -520,8 +520,9 @@ class DataSpec:
     scored_bytes: int | None  # what the byte source must sum to over the val targets
 
 
-def load_data_spec(h: Hyperparameters) -> DataSpec:
-    """Check shards, tokenizer and manifest agree before any GPU time is spent."""
+def load_data_spec(h: Hyperparameters, val_sha256: bool = True) -> DataSpec:
+    """Check shards, tokenizer and manifest agree before any GPU time is spent (`val_sha256`
+    off: data/verify.py, which reports a changed val file document by document instead)."""
     mpath = os.path.join(h.data_path, "manifest.json")
     if not os.path.isfile(mpath):
         raise DataError(f"DATA_PATH={h.data_path}: no manifest.json (build it with data/prepare.py "
@@ -556,7 +557,7 @@ def load_data_spec(h: Hyperparameters) -> DataSpec:
     elif man["byte_source"] != "lut":
         raise DataError(f"{mpath}: unknown byte_source {man['byte_source']!r}")
     check_shards(train, man["train"]["shards"], full=False)
-    check_shards(val + byte_files, man["val"]["shards"] + man["val"]["byte_shards"], full=True)
+    check_shards(val + byte_files, man["val"]["shards"] + man["val"]["byte_shards"], full=val_sha256)
     return DataSpec(man["variant"], man["byte_source"], tok.get("bos_id", 1), train, val,
                     byte_files, sha256_file(mpath), man["val"]["tokens"], man["val"].get("scored_bytes"))
 

@@ -54,8 +54,8 @@ def verify(data_dir: str, docs, val_docs=None, out=sys.stdout) -> dict:
     variant, tok_path = man["variant"], os.path.join(data_dir, man["tokenizer"]["file"])
     h = train_gpt.load_config({"DATA_PATH": data_dir, "TOKENIZER_PATH": tok_path,
                                "VOCAB_SIZE": str(man["tokenizer"]["vocab_size"])})
-    spec = train_gpt.load_data_spec(h)
-    spec.scored_bytes = None  # the scorer would refuse a wrong total; here we report it per doc
+    spec = train_gpt.load_data_spec(h, val_sha256=False)  # the scorer would refuse a changed file...
+    spec.scored_bytes = None  # ...or a wrong total; here both are reported, and the docs they touch
     vd = train_gpt.load_val_data(spec, h)
     tokens, tb = vd.tokens.numpy(), vd.target_bytes.numpy()
     starts = common.doc_starts(tokens)
@@ -98,6 +98,9 @@ def verify(data_dir: str, docs, val_docs=None, out=sys.stdout) -> dict:
         f"val docs in shards == {n_want} source docs": starts.size == n_want == n_src,
         "val docs == manifest": starts.size == man["val"]["docs"],
         "val tokens == manifest": tokens.size == man["val"]["tokens"],
+        "val shards' sha256 == manifest": all(
+            train_gpt.sha256_file(os.path.join(data_dir, s["name"])) == s["sha256"]
+            for s in man["val"]["shards"] + man["val"]["byte_shards"]),
         "raw bytes == manifest": man["val"].get("raw_bytes") in (None, raw),
         "scored bytes == manifest scored_bytes": scored == man["val"]["scored_bytes"],
         "scored bytes == sum of per-doc expectations": scored == expected_total,
