@@ -201,14 +201,12 @@ def fake_data_dir(root, val: tg.ValData):
     os.makedirs(root)
     tok = os.path.join(root, "tok.model")
     open(tok, "wb").write(b"not a real tokenizer: sidecar data never loads it")
-    write_shard(os.path.join(root, "fineweb_train_000000.bin"), val.tokens.numpy())
-    write_shard(os.path.join(root, "fineweb_val_000000.bin"), val.tokens.numpy())
-    write_shard(os.path.join(root, "fineweb_val_bytes_000000.bin"), [0] + val.target_bytes.tolist())
-    manifest = dict(format_version=1, variant="test", byte_source="sidecar",
-                    train=dict(shards=[dict(name="fineweb_train_000000.bin")]),
+    train = write_shard(os.path.join(root, "fineweb_train_000000.bin"), val.tokens.numpy())
+    shard = write_shard(os.path.join(root, "fineweb_val_000000.bin"), val.tokens.numpy())
+    side = write_shard(os.path.join(root, "fineweb_val_bytes_000000.bin"), [0] + val.target_bytes.tolist())
+    manifest = dict(format_version=1, variant="test", byte_source="sidecar", train=dict(shards=[train]),
                     tokenizer=dict(sha256=tg.sha256_file(tok), vocab_size=legality.VOCAB, bos_id=1),
-                    val=dict(tokens=val.tokens.numel(), shards=[dict(name="fineweb_val_000000.bin")],
-                             byte_shards=[dict(name="fineweb_val_bytes_000000.bin")]))
+                    val=dict(tokens=val.tokens.numel(), shards=[shard], byte_shards=[side]))
     json.dump(manifest, open(os.path.join(root, "manifest.json"), "w"))
     return tok
 
