@@ -221,7 +221,8 @@ RENAMED = {name: use for use, names in (
     ("nothing: the fused CE runs whenever gradients are taken on a GPU", "FUSED_CE_ENABLED"),
     ("nothing: the sparse gate starts at 0, the dense one at std 0.005",
      "SPARSE_ATTN_GATE_INIT_STD GATED_ATTN_INIT_STD"),
-    ("nothing: ATTN_GATE=out reads the attention input", "ATTN_OUT_GATE_SRC"),
+    ("nothing: ATTN_GATE=out reads the attention input", "ATTN_OUT_GATE_SRC GATE_ATTN_SRC"),
+    ("nothing: the SmearGate BOS mask is always on", "SMEAR_GATE_BOS_FIX"),
     ("nothing: attention gate weights are always int8 per row", "GATED_ATTN_QUANT_GATE"),
     ("nothing: tensors that are not block matrices go to AdamW", "CONTROL_TENSOR_NAME_PATTERNS"),
     ("nothing: MuonEq-R row normalization is always on", "MUON_ROW_NORMALIZE"),
@@ -236,7 +237,8 @@ RENAMED = {name: use for use, names in (
     ("nothing: no LR warmup in the global SGD", "GLOBAL_TTT_WARMUP_CHUNKS GLOBAL_TTT_WARMUP_START_LR"),
     ("EVAL_ONLY with the artifact of a SAVE_PREQUANT=1 run", "PREQUANT_ONLY"),
     ("nothing: not supported here", "BIGRAM_VOCAB_SIZE BIGRAM_DIM VE_ENABLED VE_DIM VE_LAYERS "
-     "MTP_NUM_HEADS MTP_LOSS_WEIGHT MUON_BETA2 DTG_ENABLED VALUE_RESIDUAL TTT_OUTPUT_DIR"),
+     "MTP_NUM_HEADS MTP_LOSS_WEIGHT MUON_BETA2 DTG_ENABLED VALUE_RESIDUAL TTT_OUTPUT_DIR "
+     "TOKEN_ORDER TOKEN_THRESHOLD TOKEN_BOOST"),
     ("nothing: run `python data/prepare.py disjoint DATA_PATH` (data/prepare.py and data/download.py "
      "check it when they build the data)", "CHECK_DISJOINT"),
     (fixed(ROPE_BASE), "ROPE_BASE"), (fixed(LOGIT_SOFTCAP), "LOGIT_SOFTCAP"),
