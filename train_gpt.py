@@ -12,6 +12,7 @@ submitted configuration of the best record (CaseOps SP8192, 11L x 512, loop 3-5,
 import copy
 import dataclasses
 import difflib
+import functools
 import glob
 import hashlib
 import inspect
@@ -165,8 +166,7 @@ class Hyperparameters:
     def slot_tokens(self) -> int:  # tokens per micro-batch (one of the 8 slots of a step)
         return self.train_batch_tokens // 8
 
-    def config_hash(self, data_identity: str) -> str:
-        """Same for every seed of one configuration on the same data, on any machine."""
+    def config_hash(self, data_identity: str = "") -> str:  # same for every seed, data, any machine
         cfg = {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_HASHED}
         cfg["data"] = data_identity
         return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
@@ -2480,7 +2480,7 @@ def final_evaluation(model: GPT, val: ValData, h: Hyperparameters, d: Dist, log,
     log(f"eval_diagnostic val_loss: {score.loss:.6f} val_bpb: {score.bpb:.6f} tokens {score.tokens}")
     starts, ends = find_docs(val.tokens, val.bos_id)
     out, name, legal = dict(val_bpb_diagnostic=score.bpb, val_bpb_sliding=None), "eval_diagnostic", []
-    ttt = lambda *a: ttt_eval(*a, budget=budget)
+    ttt = functools.partial(ttt_eval, budget=budget)
     for key, on, fn in (("eval_sliding", h.sliding_enabled, eval_sliding), ("eval_ttt", h.ttt_enabled, ttt)):
         if on:
             score, v = scored_eval(key, fn, model, val, h, d, log, ledger, starts, ends)
@@ -2494,8 +2494,9 @@ def summarize(out, score, name, legal, log, ledger, budget: EvalBudget) -> dict:
     strict = budget.slowest()
     if legality != "compliant":
         log("!" * 100 + f"\n!!! NON-COMPLIANT evaluation: {legality}\n" + "!" * 100)
+    parts = ", ".join(f"{k} {v:.1f}s" for k, v in ledger.seconds.items())
     log(f"eval timing: scoring only ({name}) {ledger.seconds[name]:.1f}s, strict total {strict:.1f}s "
-        "(slowest rank, from the artifact load; " + ", ".join(f"{k} {v:.1f}s" for k, v in ledger.seconds.items()) + ")")
+        f"(slowest rank, from the artifact load; {parts})")
     out.update(val_bpb=score.bpb, val_loss=score.loss, scored_by=name, tokens_scored=score.tokens,
                bytes_scored=score.bytes, eval_time_s=ledger.seconds[name], eval_strict_s=strict,
                legality=legality, timings={k: round(v, 2) for k, v in ledger.seconds.items()})
@@ -2507,7 +2508,8 @@ def eval_only_hash(meta: dict, overrides: dict) -> str:
     changed = {k: v[1] for k, v in overrides.items() if k.lower() not in NOT_HASHED}
     if not changed:
         return meta["config_hash"]
-    return hashlib.sha256(json.dumps([meta["config_hash"], changed], sort_keys=True).encode()).hexdigest()[:16]
+    text = json.dumps([meta["config_hash"], changed], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def run_eval_only(h: Hyperparameters, meta: dict, overrides: dict, spec, d: Dist, val: ValData,
@@ -2797,13 +2799,13 @@ PUBLISHED_DATA = {"caseops": (80, (47_851_520, 47_853_343))}  # variant -> train
 
 def record_blockers(final: dict, h: Hyperparameters) -> list:
     """Short reasons why the run in `final` (a final_json) is not a record candidate; [] if it is."""
-    why = [f"mode {final['mode']}: " + ("SMOKE run" if final["mode"] == "smoke" else "no training in this run")
-           ] if final["mode"] != "train" else []
+    mode = final["mode"]
+    why = [] if mode == "train" else [f"mode {mode}: " + ("SMOKE run" if mode == "smoke" else "no training")]
     if final["world_size"] != RECORD_WORLD:
         why.append(f"world_size {final['world_size']}, not {RECORD_WORLD}")
     if RECORD_GPU not in final["gpu"]:
         why.append(f"gpu {final['gpu']}, not {RECORD_GPU}")
-    if final["mode"] != "eval_only" and not 0 < h.max_wallclock_seconds <= TIME_CAP_S:
+    if mode != "eval_only" and not 0 < h.max_wallclock_seconds <= TIME_CAP_S:
         why.append(f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds:g}, not in (0, {TIME_CAP_S:g}]")
     if final.get("train_plus_hessians_s", 0.0) > TIME_CAP_S:
         why.append(f"training + Hessians {final['train_plus_hessians_s']:.1f}s > {TIME_CAP_S:g}s")

@@ -269,8 +269,6 @@ def test_metric_bpb_converts_with_our_bytes_per_token(tmp_path, capsys):
     assert s["ref_mean"] == pytest.approx(2.82)
 
 
-@pytest.mark.xfail(strict=True, reason="train_gpt.py: config_hash() must exclude artifact_dir, as it "
-                   "excludes seed and run_id (seeds.py run gives each seed its own ARTIFACT_DIR)")
 def test_config_hash_ignores_per_seed_env():
     import train_gpt
 
