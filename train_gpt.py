@@ -1756,10 +1756,10 @@ def serialize(qstate: dict, h, meta: dict | None = None) -> bytes:
     index = json.dumps({"entries": entries, "records": records}, separators=(",", ":"))
     index = index.encode()
     raw = np.uint32(len(index)).tobytes() + index + b"".join(chunks)
+    payload = compress_payload(raw, h.compressor)
     info = brotli.compress(json.dumps(meta or {}, sort_keys=True).encode(), quality=11)
     head = QUANT_MAGIC + bytes([QUANT_VERSION, COMPRESSORS.index(h.compressor)])
-    return (head + hashlib.sha256(info + raw).digest()[:8] + np.uint32(len(info)).tobytes() + info
-            + compress_payload(raw, h.compressor))
+    return head + hashlib.sha256(info + raw).digest()[:8] + np.uint32(len(info)).tobytes() + info + payload
 
 
 def split_blob(blob: bytes) -> tuple:

@@ -216,7 +216,7 @@ def test_eval_only_scores_a_saved_artifact(tmp_path, monkeypatch):
     model = legality.random_model(h)
     sd = {k: v.detach().float() for k, v in model.state_dict().items()}
     qstate, _ = tg.quantize_state_dict(sd, {}, h, log=lambda *a: None)  # no Hessians: rounding
-    (tmp_path / "model.pt").write_bytes(tg.serialize(qstate, h))
+    (tmp_path / "model.pt").write_bytes(tg.serialize(qstate, h, tg.artifact_meta(h, "fake")))
     model.load_state_dict(tg.dequantize_state_dict(qstate))  # what the artifact encodes
     tok = fake_data_dir(str(tmp_path / "data"), val)
     env = {k: str(v) for k, v in legality.TINY.items()}
@@ -229,6 +229,7 @@ def test_eval_only_scores_a_saved_artifact(tmp_path, monkeypatch):
     line = [s for s in open(tmp_path / "logs/evalonly.txt") if s.startswith("final_json ")][-1]
     final = json.loads(line[len("final_json "):])
     assert final["mode"] == "eval_only" and final["legality"] == "compliant"
+    assert final["artifact_config_hash"] == h.config_hash("fake") and not final["record_eligible"]
     assert final["tokens_scored"] == val.num_targets and final["scored_by"] == "eval_ttt"
     plain = tg.eval_val(model, val, CPU, h.slot_tokens)  # the loaded weights are the saved ones
     assert final["val_bpb_diagnostic"] == pytest.approx(plain.bpb, rel=1e-6)

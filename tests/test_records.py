@@ -195,6 +195,7 @@ def test_budget_spent_before_ttt_cuts_global_sgd():
 def run_script(smoke_dir, tmp_path, run_id, **env):
     full = {**{k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "SMOKE"))},
             "SMOKE": "1", "DATA_PATH": smoke_dir, "RUN_ID": run_id, "ITERATIONS": "3", "WARMUP_STEPS": "0",
+            "SLIDING_ENABLED": "0",
             "TOKENIZER_PATH": os.path.join(smoke_dir, "smoke_caseops_1024.model"), **env}
     return subprocess.run([sys.executable, os.path.join(REPO, "train_gpt.py")], cwd=tmp_path, env=full,
                           capture_output=True, text=True, timeout=900)
