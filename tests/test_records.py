@@ -195,17 +195,15 @@ def test_budget_spent_before_ttt_cuts_global_sgd():
 def run_script(smoke_dir, tmp_path, run_id, **env):
     full = {**{k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "SMOKE"))},
             "SMOKE": "1", "DATA_PATH": smoke_dir, "RUN_ID": run_id, "ITERATIONS": "3", "WARMUP_STEPS": "0",
-            "SLIDING_ENABLED": "0",
             "TOKENIZER_PATH": os.path.join(smoke_dir, "smoke_caseops_1024.model"), **env}
     return subprocess.run([sys.executable, os.path.join(REPO, "train_gpt.py")], cwd=tmp_path, env=full,
                           capture_output=True, text=True, timeout=900)
 
 
 def test_smoke_artifact_describes_itself(smoke_dir, tmp_path):
-    """Trained with model and eval fields off the smoke defaults (a smaller, cheaper eval too);
-    EVAL_ONLY without them rebuilds the same model and eval and gets the same score."""
-    shape = dict(ATTN_GATE="out", MODEL_DIM="32", SLIDING_ENABLED="0", TTT_BATCH_SIZE="32",
-                 TTT_CHUNK_SIZE="64", PHASED_TTT_NUM_PHASES="1")
+    """Trained with model and eval fields off the smoke defaults (TTT and sliding off keep the CPU
+    eval short); EVAL_ONLY without them rebuilds the same model and eval and gets the same score."""
+    shape = dict(ATTN_GATE="out", MODEL_DIM="32", SLIDING_ENABLED="0", TTT_ENABLED="0")
     res = run_script(smoke_dir, tmp_path, "gate_out", ARTIFACT_DIR=str(tmp_path), **shape)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     log = open(tmp_path / "logs" / "gate_out.txt").read()
@@ -213,6 +211,7 @@ def test_smoke_artifact_describes_itself(smoke_dir, tmp_path):
     assert trained["mode"] == "smoke" and trained["record_eligible"] is False
     why = " | ".join(trained["not_record_because"])
     assert "SMOKE" in why and "world_size 1" in why and "gpu cpu" in why and "MAX_WALLCLOCK" in why
+    assert "TTT_ENABLED=0" in why and "train shards" in why
     assert "record_eligible: no (" in log
     assert trained["env_overrides"]["ATTN_GATE"] == "out" and trained["gpu"] == "cpu"
     assert trained["torch_version"] == torch.__version__ and trained["data"]["variant"] == "caseops"
@@ -222,6 +221,7 @@ def test_smoke_artifact_describes_itself(smoke_dir, tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     again = final_json(open(tmp_path / "logs" / "reeval.txt").read())
     assert again["mode"] == "eval_only" and again["val_bpb"] == pytest.approx(trained["val_bpb"], rel=1e-6)
+    assert again["scored_by"] == "eval_diagnostic" and again["eval_overrides"] == {}
     assert again["config_hash"] == trained["config_hash"] and again["seed"] == trained["seed"]
     assert again["artifact_bytes"] == again["code_bytes"] + os.path.getsize(artifact)
     assert again["code_bytes"] == os.path.getsize(os.path.join(REPO, "train_gpt.py"))
