@@ -81,6 +81,7 @@ class Hyperparameters:
     num_loops: int = 2  # extra passes over the looped layers; 0 = no loop
     enable_looping_at: float = 0.35  # training fraction that switches the loop on
     parallel_start_layer: int = 8  # physical layers >= this run as two parallel lanes
+    parallel_lane1_skip: bool = False  # lane 1 starts after the U-Net skip merge; record: before it
     gate_window: int = 12  # input channels seen by the smear and sparse/out attention gates
     smear_gate_enabled: bool = True  # SmearGate: add a gated share of the previous token's embedding
     attn_gate: str = "sparse"  # sparse | out | dense | none (one attention output gate)
@@ -93,12 +94,14 @@ class Hyperparameters:
     muon_momentum: float = 0.97  # Muon (Nesterov) momentum after the warmup
     muon_momentum_warmup_start: float = 0.92  # Muon momentum at step 0, raised linearly...
     muon_momentum_warmup_steps: int = 1500  # ...to MUON_MOMENTUM over this many steps
+    muon_momentum_warmup_frac: float = 0.0  # > 0: over this training fraction instead (record: step 1500 at 0.24)
     muon_wd: float = 0.095  # decoupled weight decay of the Muon matrices
     beta2: float = 0.99  # AdamW beta2 (beta1 and eps are fixed, see ADAM_BETA1)
     adam_wd: float = 0.02  # AdamW weight decay of the small tensors
     embed_wd: float = 0.085  # AdamW weight decay of the tied embedding
     grad_clip_norm: float = 0.3  # on the global (all-rank) gradient norm
     ema_decay: float = 0.9965  # EMA of the weights, copied into the model after training
+    ema_warmup: bool = True  # decay min(EMA_DECAY, (1+t)/(10+t)) at update t: short runs forget the init
     # quantization and packing
     gptq_calibration_batches: int = 16  # global batches of 8 training slots for the Hessians
     matrix_bits: int = 6  # attention and MLP matrices
@@ -113,7 +116,7 @@ class Hyperparameters:
     lqer_asym_group: int = 64  # int4 group size of the LQER B factor
     compressor: str = "brotli"  # brotli (quality 11) | lzma (preset 9)
     fit_to_cap: bool = True  # over the cap: raise MLP_CLIP_SIGMAS (logged, bounded) and requantize
-    save_prequant: bool = False  # also write the EMA float weights, final_model.pt (quant ablations)
+    save_prequant: bool = False  # also write the EMA float weights + config, final_model.pt (tools/ab.py)
     # evaluation (the score is phased LoRA TTT; see the Evaluation section)
     eval_seq_len: int = 2048  # sliding-window length
     eval_stride: int = 64  # each sliding window after the first scores its last EVAL_STRIDE targets
@@ -152,6 +155,9 @@ class Hyperparameters:
             raise ValueError("MODEL_DIM must divide by NUM_HEADS, NUM_HEADS by NUM_KV_HEADS")
         if self.train_batch_tokens % 8 or (self.train_batch_tokens // 8) % 128:
             raise ValueError("TRAIN_BATCH_TOKENS must be 8 slots of a multiple of 128 tokens")
+        if not 0 <= self.muon_momentum_warmup_frac < 1:
+            raise ValueError(f"MUON_MOMENTUM_WARMUP_FRAC={self.muon_momentum_warmup_frac}: use 0 (steps) or a "
+                             "fraction in (0, 1)")
         if max(self.eval_seq_len, self.ttt_eval_seq_len) > self.train_seq_len:
             raise ValueError("EVAL_SEQ_LEN and TTT_EVAL_SEQ_LEN must not exceed TRAIN_SEQ_LEN "
                              "(attention segments are cut every TRAIN_SEQ_LEN tokens)")
@@ -183,6 +189,7 @@ NOT_HASHED = ("seed", "run_id", "data_path", "tokenizer_path", "artifact_dir", "
 # value is the default, an env var may override it (logged). RUN_FIELDS are not stored: training,
 # quantization, paths, logging, machine choices (ATTN_BACKEND: same math).
 ARCH_FIELDS = (
+    "parallel_lane1_skip",
     "vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
     "loop_start", "loop_end", "num_loops", "parallel_start_layer", "gate_window", "smear_gate_enabled",
     "attn_gate", "sparse_attn_gate_scale",
@@ -198,6 +205,7 @@ EVAL_FIELDS = (
     "phased_ttt_num_phases", "global_ttt_lr", "global_ttt_chunk_tokens", "global_ttt_batch_seqs",
 )
 RUN_FIELDS = (
+    "ema_warmup", "muon_momentum_warmup_frac",
     "data_path", "tokenizer_path", "run_id", "artifact_dir", "smoke", "iterations", "max_wallclock_seconds",
     "gptq_reserve_seconds", "warmup_steps", "warmdown_frac", "min_lr", "train_log_every", "val_loss_every",
     "qk_gain_init", "enable_looping_at", "attn_backend", "matrix_lr", "scalar_lr", "tied_embed_lr",
@@ -1214,10 +1222,13 @@ class GPT(nn.Module):
         n_enc, skips, x, lane1 = len(order) // 2, [], x0, None
         for i, layer in enumerate(order):
             block = self.blocks[layer]
+            first_parallel = block.parallel and lane1 is None
+            if first_parallel and not self.h.parallel_lane1_skip:
+                lane1 = x  # both lanes start from x; the skip below goes to lane 0 only (PR #1529)
             if n_enc <= i < 2 * n_enc:  # U-Net: decoder position j merges encoder output -j-1
                 j = i - n_enc
                 x = self.skip_merge(x, skips.pop(), self.skip_gates[j], self.skip_weights[j])
-            if block.parallel and lane1 is None:
+            if first_parallel and lane1 is None:
                 lane1 = x
             x, lane1 = block(x, lane1, x0, seg, cos, sin, self.backend,
                              None if lora is None else lora["layers"][i])
@@ -1391,22 +1402,34 @@ def lr_multiplier(frac: float, h: Hyperparameters) -> float:
     return max((1 - frac) / h.warmdown_frac, h.min_lr)
 
 
-def muon_momentum(step: int, h: Hyperparameters) -> float:
-    t = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps else 1.0
+def muon_momentum(step: int, frac: float, h: Hyperparameters) -> float:
+    """Linear warm-up over MUON_MOMENTUM_WARMUP_STEPS steps, or over the first
+    MUON_MOMENTUM_WARMUP_FRAC of training (a short run never reaches step 1500)."""
+    if h.muon_momentum_warmup_frac:
+        t = min(frac / h.muon_momentum_warmup_frac, 1.0)
+    else:
+        t = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps else 1.0
     return h.muon_momentum_warmup_start + t * (h.muon_momentum - h.muon_momentum_warmup_start)
 
 
 class EMA:
-    """fp32 shadow of every parameter, e <- decay * e + (1 - decay) * p after each step."""
+    """fp32 shadow of every parameter, e <- d_t * e + (1 - d_t) * p after update t (0, 1, ...).
+    With `warmup`, d_t = min(decay, (1+t)/(10+t)) (the ramp of TF's ExponentialMovingAverage):
+    a constant 0.9965 keeps 0.9965^330 = 31 % of its weight on the random init after 330 steps."""
 
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, model: nn.Module, decay: float, warmup: bool):
         self.params = list(model.parameters())
         self.shadow = [p.detach().float().clone() for p in self.params]
-        self.decay = decay
+        self.decay, self.warmup, self.updates = decay, warmup, 0
+
+    def decay_at(self, t: int) -> float:
+        return min(self.decay, (1 + t) / (10 + t)) if self.warmup else self.decay
 
     @torch.no_grad()
     def update(self):
-        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1 - self.decay)
+        w = 1 - self.decay_at(self.updates)
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], w)
+        self.updates += 1
 
     @torch.no_grad()
     def copy_to_model(self):
@@ -1878,6 +1901,13 @@ def collect_hessians(model: GPT, spec: DataSpec, h: Hyperparameters, d: Dist) ->
         for kv in ("c_k", "c_v"):
             hess[q.replace("c_q", kv)] = hess[q].clone()
     return hess
+
+
+def save_prequant(path: str, sd: dict, h: Hyperparameters, looping: bool):
+    """SAVE_PREQUANT: the float weights with the resolved config and the loop state, all that
+    tools/ab.py needs to rebuild the model and rerun quantization and eval on the same weights."""
+    torch.save(dict(state_dict={k: v.cpu() for k, v in sd.items()}, config=dataclasses.asdict(h),
+                    looping=looping), path)
 
 
 def load_artifact(path: str, h: Hyperparameters, d: Dist, bos_id: int, backend: str) -> GPT:
@@ -2599,7 +2629,7 @@ class Clock:
 
 def train(model: GPT, h: Hyperparameters, d: Dist, spec: DataSpec, val: ValData, log) -> dict:
     loader, opt = TrainLoader(spec.train_files, h.slot_tokens, d), Optimizers(model, d, h)
-    ema, clock = EMA(model, h.ema_decay), Clock(d)
+    ema, clock = EMA(model, h.ema_decay, h.ema_warmup), Clock(d)
     # each rank collects Hessians on 8/world of the calibration slots (29.9 s on one H100)
     cap_ms = 1000 * (h.max_wallclock_seconds - h.gptq_reserve_seconds * 8 / d.world_size)
     step, loop_at, loop_ms, elapsed = 0, None, 0.0, 0.0
@@ -2611,7 +2641,7 @@ def train(model: GPT, h: Hyperparameters, d: Dist, spec: DataSpec, val: ValData,
             model.looping, loop_at, loop_ms = True, step, elapsed
             log(f"layer_loop:enabled step:{step} frac:{frac:.3f} order:{model.layer_order(True)}")
         loss = forward_backward(model, loader.next_step())
-        opt.step(lr_multiplier(frac, h), muon_momentum(step, h))
+        opt.step(lr_multiplier(frac, h), muon_momentum(step, frac, h))
         opt.zero_grad()
         ema.update()
         step += 1
@@ -2626,12 +2656,28 @@ def train(model: GPT, h: Hyperparameters, d: Dist, spec: DataSpec, val: ValData,
             log(f"{step}/{h.iterations} val_loss: {s.loss:.4f} val_bpb: {s.bpb:.4f}")
     cap = f"cap {cap_ms / 1000:.1f}s" if h.max_wallclock_seconds > 0 else f"ITERATIONS={h.iterations}, no time cap"
     log(f"stopping: step {step} train_time {elapsed / 1000:.1f}s ({cap})")
+    raw = raw_eval(model, val, h, d, log)
     ema.copy_to_model()
     pre_loop = loop_ms / loop_at if loop_at else elapsed / max(step, 1)
     post_loop = (elapsed - loop_ms) / (step - loop_at) if loop_at is not None and step > loop_at else None
     return dict(steps=step, train_time_s=elapsed / 1000, step_avg_ms=elapsed / max(step, 1),
                 step_avg_ms_noloop=pre_loop, step_avg_ms_loop=post_loop, loop_start_step=loop_at,
-                tokens_per_s=step * h.train_batch_tokens / max(elapsed, 1e-9) * 1000)
+                tokens_per_s=step * h.train_batch_tokens / max(elapsed, 1e-9) * 1000,
+                val_bpb_raw=raw.bpb, val_loss_raw=raw.loss)
+
+
+def raw_eval(model: GPT, val: ValData, h: Hyperparameters, d: Dist, log) -> Score:
+    """Diagnostic score of the raw (pre-EMA) weights at the last step, after the training clock
+    stopped (the record logs it). No gradients and frozen weights, as in precompile_eval, so the
+    eval graphs compiled there serve it; nothing in the model or the EMA changes."""
+    t0 = time.perf_counter()
+    model.requires_grad_(False)
+    with torch.no_grad():
+        score = eval_val(model, val, d, h.slot_tokens)
+    model.requires_grad_(True)
+    log(f"eval_raw (pre-EMA weights) val_loss: {score.loss:.6f} val_bpb: {score.bpb:.6f} "
+        f"({time.perf_counter() - t0:.1f}s)")
+    return score
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2727,7 +2773,7 @@ def quantize_stage(model: GPT, spec: DataSpec, h, d, log, ledger, stats: dict) -
         with open(path, "wb") as f:
             f.write(blob)
         if h.save_prequant:
-            torch.save({k: v.cpu() for k, v in sd.items()}, os.path.join(h.artifact_dir, "final_model.pt"))
+            save_prequant(os.path.join(h.artifact_dir, "final_model.pt"), sd, h, model.looping)
     if dist.is_initialized():
         dist.barrier()
     return path, dict(train_plus_hessians_s=train_total, mlp_clip_sigmas_used=mlp_sigmas,
@@ -2873,6 +2919,7 @@ def train_and_score(h: Hyperparameters, spec, d: Dist, log, ledger, val: ValData
                              if d.device.type == "cuda" else None)
     path, qstats = quantize_stage(model, spec, h, d, log, ledger, stats)
     prequant = logged_eval("eval_prequant", model, val, h, d, log, ledger)
+    log(f"pre-quant val_bpb: raw weights {stats['val_bpb_raw']:.6f}, EMA {prequant.bpb:.6f}")
     acc = artifact_accounting(path, h, log)
     budget = EvalBudget(h.eval_budget_seconds, d.device)  # the strict eval starts here
     with ledger.phase("load"):

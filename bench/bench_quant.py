@@ -27,7 +27,8 @@ def main():
     h = tg.load_config()
     spec, d = tg.load_data_spec(h), tg.init_distributed(h)
     val = tg.load_val_data(spec, h)
-    sd = {k: v.float() for k, v in torch.load(sys.argv[1], map_location="cpu").items()}
+    ck = torch.load(sys.argv[1], map_location="cpu")
+    sd = {k: v.float() for k, v in ck.get("state_dict", ck).items()}  # SAVE_PREQUANT also saves the config
     model = tg.GPT(h, spec.bos_id, tg.pick_attention_backend(d.device)).to(d.device)
     model.looping = True  # a full-length run ends with the loop on
     base = score(model, sd, val, d, h)

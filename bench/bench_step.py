@@ -87,7 +87,7 @@ def bench(batch_tokens: int, steps: int, d, backend: str):
         print(f"loop {'on' if looping else 'off'} per step (ms): " + " ".join(f"{t:.0f}" for t in per_step)
               + f" | median {sorted(per_step)[steps // 2]:.1f}", flush=True)
     if os.environ.get("BENCH_LOOP") == "1":  # what train() adds per step: the clock sync, EMA
-        model.looping, ema, clock = False, tg.EMA(model, h.ema_decay), tg.Clock(d)
+        model.looping, ema, clock = False, tg.EMA(model, h.ema_decay, h.ema_warmup), tg.Clock(d)
         for extras in ("clock", "clock+ema"):
             batches = [next_batch() for _ in range(steps)]
             t0 = time.perf_counter()

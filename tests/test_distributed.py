@@ -32,7 +32,7 @@ def run_steps(rank: int, world: int, smoke_dir: str, port: int, out: str):
     opt, loader = tg.Optimizers(model, d, h), tg.TrainLoader(spec.train_files, h.slot_tokens, d)
     for step in range(STEPS):
         tg.forward_backward(model, loader.next_step())
-        opt.step(1.0, tg.muon_momentum(step, h))
+        opt.step(1.0, tg.muon_momentum(step, step / h.iterations, h))
         opt.zero_grad()
     if rank == 0:
         torch.save(model.state_dict(), out)

@@ -28,9 +28,9 @@ def test_lr_schedule_values():
     assert tg.lr_multiplier(0.149, h) == 1.0
     assert tg.lr_multiplier(0.575, h) == pytest.approx(0.5)
     assert tg.lr_multiplier(0.95, h) == pytest.approx(0.1)  # floor MIN_LR
-    assert tg.muon_momentum(0, h) == pytest.approx(0.92)
-    assert tg.muon_momentum(750, h) == pytest.approx(0.945)
-    assert tg.muon_momentum(10_000, h) == pytest.approx(0.97)
+    assert tg.muon_momentum(0, 0.0, h) == pytest.approx(0.92)
+    assert tg.muon_momentum(750, 0.0, h) == pytest.approx(0.945)
+    assert tg.muon_momentum(10_000, 0.0, h) == pytest.approx(0.97)
 
 
 def test_config_defaults_are_the_record():

@@ -34,7 +34,7 @@ def test_smoke_run_end_to_end(smoke_dir, tmp_path):
             "peak_mem_mib", "world_size", "config_hash", "val_bpb_prequant", "val_bpb_quant",
             "model_bytes", "code_bytes", "artifact_bytes", "quant_time_s", "serialize_time_s",
             "val_bpb_sliding", "eval_time_s", "eval_strict_s", "tokens_scored", "bytes_scored",
-            "legality"} <= set(out)
+            "legality", "val_bpb_raw"} <= set(out)
     assert out["legality"] == "compliant" and out["scored_by"] == "eval_ttt"
     n_targets = int(re.search(r"val_targets (\d+)", log).group(1))
     assert out["mode"] == "smoke" and out["tokens_scored"] == n_targets

@@ -1,0 +1,70 @@
+"""tools/ab.py: quantization/eval variants on the same SAVE_PREQUANT weights."""
+import json
+import os
+
+import pytest
+import torch
+
+import ab
+import train_gpt as tg
+
+
+def checkpoint(smoke_dir, tmp_path) -> str:
+    """A SMOKE model with random weights everywhere (the zero-init projections would make every
+    block the identity, and LQER a no-op), saved as SAVE_PREQUANT does."""
+    h = tg.load_config({"SMOKE": "1", "DATA_PATH": smoke_dir, "ARTIFACT_DIR": str(tmp_path),
+                        "TOKENIZER_PATH": os.path.join(smoke_dir, "smoke_caseops_1024.model")})
+    torch.manual_seed(0)
+    model = tg.GPT(h, 1, "sdpa")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(std=0.05)
+    path = str(tmp_path / "final_model.pt")
+    tg.save_prequant(path, model.state_dict(), h, True)
+    return path
+
+
+def test_ab_same_weights_delta(smoke_dir, tmp_path, monkeypatch):
+    """An empty variant reproduces the base exactly; LQER_ENABLED=0 moves val_bpb. CPU time: the
+    val set is cut to 4 slots and the eval warmup (which compiles nothing on CPU) is skipped."""
+    path, out, real_val = checkpoint(smoke_dir, tmp_path), str(tmp_path / "ab.json"), tg.load_val_data
+
+    def short_val(spec, h):
+        v, n = real_val(spec, h), 4 * h.slot_tokens
+        return tg.ValData(v.tokens[:n + 1], v.target_bytes[:n], v.bos_id)
+
+    monkeypatch.setattr(tg, "load_val_data", short_val)
+    monkeypatch.setattr(tg, "eval_warmup", lambda *a: None)
+    monkeypatch.setenv("TTT_ENABLED", "0")  # eval-side names from the env apply to every variant
+    monkeypatch.setenv("SLIDING_ENABLED", "0")
+    monkeypatch.setenv("GPTQ_CALIBRATION_BATCHES", "1")
+    real = tg.load_val_data
+
+    def first_windows(spec, h):  # 4 eval windows keep the test short; the pipeline is unchanged
+        v = real(spec, h)
+        n = 4 * h.slot_tokens
+        return tg.ValData(v.tokens[:n + 1], v.target_bytes[:n], v.bos_id)
+
+    monkeypatch.setattr(tg, "load_val_data", first_windows)
+    rc = ab.main(["--checkpoint", path, "--variant", "base:", "--variant", "same:",
+                  "--variant", "nolqer:LQER_ENABLED=0", "--code-bytes", "100000", "--json", out])
+    assert rc == 0
+    rows = {r["variant"]: r for r in json.load(open(out))["rows"]}
+    assert rows["same"]["delta"] == 0.0 and rows["base"]["scored_by"] == "eval_diagnostic"
+    assert abs(rows["nolqer"]["delta"]) > 1e-6
+    assert rows["nolqer"]["model_bytes"] < rows["base"]["model_bytes"]
+
+
+@pytest.mark.parametrize("spec", ["arch:NUM_LAYERS=3", "lr:MATRIX_LR=0.01", "typo:LQER_ENABLD=0", "noname"])
+def test_ab_refuses_non_eval_overrides(spec):
+    with pytest.raises(ValueError):
+        ab.parse_variant(spec)
+
+
+def test_ab_refuses_env_that_changes_training(smoke_dir, tmp_path, monkeypatch):
+    """The checkpoint fixes the training side: an env value that differs is refused before any work."""
+    path = checkpoint(smoke_dir, tmp_path)
+    monkeypatch.setenv("MODEL_DIM", "128")
+    assert ab.main(["--checkpoint", path, "--variant", "base:"]) == 2
+    assert ab.main(["--checkpoint", str(tmp_path / "missing.pt")]) == 2
