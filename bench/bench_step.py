@@ -33,9 +33,9 @@ def parity_check(device, backend: str):
     idx[torch.rand_like(idx, dtype=torch.float) < 1 / 300] = 1
     q = torch.randn(2, 4096, 8, 64, device=device, dtype=torch.bfloat16)
     k, v = (torch.randn(2, 4096, 4, 64, device=device, dtype=torch.bfloat16) for _ in range(2))
-    fn = torch.compile(lambda q, k, v, s: tg.attention(q, k, v, s, backend, 2048), fullgraph=True)
+    fn = torch.compile(lambda q, k, v, s: tg.attention(q, k, v, s, backend), fullgraph=True)
     a = fn(q, k, v, model.attention_segments(idx))
-    b = tg.attention(q, k, v, ref.attention_segments(idx), "sdpa", 2048)
+    b = tg.attention(q, k, v, ref.attention_segments(idx), "sdpa")
     err = ((a.float() - b.float()).norm() / b.float().norm()).item()
     print(f"parity {backend} vs sdpa: rel err {err:.2e}")
     assert err < 2e-2, err

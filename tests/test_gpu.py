@@ -94,7 +94,7 @@ def test_flex_with_tuned_options_matches_sdpa_forward_and_backward():
     for backend, s in (("flex", tg.flex_doc_mask(seg)), ("sdpa", seg)):
         for t in (q, k, v):
             t.grad = None
-        y = tg.attention(q, k, v, s, backend, 2048)
+        y = tg.attention(q, k, v, s, backend)
         y.backward(g)
         out.append([y, q.grad.clone(), k.grad.clone(), v.grad.clone()])
     for name, a, b in zip(("out", "dq", "dk", "dv"), *out):
