@@ -63,7 +63,7 @@ class Hyperparameters:
     warmdown_frac: float = 0.85  # last fraction of training decays the LR linearly...
     min_lr: float = 0.1  # ...to this fraction of the base LR
     train_batch_tokens: int = 786432  # global tokens per optimizer step (8 slots)
-    train_seq_len: int = 2048  # longest attention segment; longer docs are cut
+    train_seq_len: int = 2048  # longest attention segment in training (the last span); longer docs are cut
     train_seq_schedule: str = ""  # 1024@0.1,2048@0.7,3072@1.0: span L while frac <= f (PR #2014); "" = off
     seq_change_warmup_steps: int = 32  # after a span change the LR ramps linearly over this many steps
     train_log_every: int = 500  # log the train loss at steps 1-5 and every N steps
@@ -1350,7 +1350,7 @@ class Optimizers:
     """Muon + AdamW with one global-norm clip, identical on every rank and every world size."""
 
     def __init__(self, model: GPT, d: Dist, h: Hyperparameters):
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # not frozen caps
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # not AsymLogit caps
         self.muon = Muon([(n, p) for n, p in named if is_muon_param(n, p)], d, h)
         emb = [model.tok_emb.weight]
         small = [p for n, p in named if not is_muon_param(n, p) and p is not model.tok_emb.weight]

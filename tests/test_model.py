@@ -417,7 +417,8 @@ def test_training_switches_spans_at_their_fractions_and_rewarms_the_lr(monkeypat
 def test_eval_context_reaches_beyond_the_train_span():
     """EVAL_SEQ_LEN 3072 with TRAIN_SEQ_LEN 2048: scoring cuts documents at 3072, so a token 2,100
     positions back moves the score; at the training span of 2048 it cannot."""
-    h = tiny(TRAIN_SEQ_LEN=2048, EVAL_SEQ_LEN=3072, TTT_EVAL_SEQ_LEN=3072, TRAIN_BATCH_TOKENS=8 * 128)
+    h = tiny(TRAIN_SEQ_LEN=2048, EVAL_SEQ_LEN=3072, TTT_EVAL_SEQ_LEN=3072, EVAL_STRIDE=1024, NUM_LAYERS=4,
+             MODEL_DIM=32, NUM_HEADS=2, NUM_KV_HEADS=1, LOOP_START=1, LOOP_END=2, PARALLEL_START_LAYER=3)
     model = randomized(h).requires_grad_(False)
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(4, 128, (1, 3072), generator=g)
@@ -430,3 +431,11 @@ def test_eval_context_reaches_beyond_the_train_span():
     assert model(pert, y)[0, 3000] != model(idx, y)[0, 3000]
     model.seq_len = h.train_seq_len
     assert model(pert, y)[0, 3000] == model(idx, y)[0, 3000]
+    tg.scoring_state(model, h)  # the sliding eval: target 3150 sees the token at 900
+    scores = []
+    for tokens in (torch.cat([idx[0], idx[0, 1:129]]), torch.cat([pert[0], idx[0, 1:129]])):
+        led = tg.ScoreLedger(tokens.numel() - 1, torch.device("cpu"), keep_nll=True)
+        tg.eval_sliding(model, tg.ValData(tokens, torch.ones(tokens.numel() - 1), BOS), h,
+                        tg.Dist(0, 1, 0, torch.device("cpu")), led, lambda *a: None)
+        scores.append(led.nll)
+    assert scores[0][3150] != scores[1][3150] and torch.equal(scores[0][:899], scores[1][:899])  # causal
