@@ -228,6 +228,7 @@ RENAMED = {name: use for use, names in (
     ("nothing: the 1/sqrt(layer+1) norm scale is always on", "LN_SCALE"),
     ("nothing: the U-Net skips are always gated", "SKIP_GATES_ENABLED"),
     ("nothing: RoPE positions are never rescaled", "ROPE_TRAIN_SEQ_LEN ROPE_YARN"),
+    ("nothing: TRAIN_SEQ_SCHEDULE follows the training fraction, as the LR", "TRAIN_SEQ_SCHEDULE_MODE"),
     ("nothing: the final norm reads the mean of the two lanes", "PARALLEL_FINAL_LANE"),
     ("nothing: the fused CE runs whenever gradients are taken on a GPU", "FUSED_CE_ENABLED"),
     ("nothing: the sparse gate starts at 0, the dense one at std 0.005",

@@ -371,6 +371,8 @@ def test_seq_schedule_parsing_and_spans():
                      ("256@0.5,64@0.4,256@1.0", "rise")):
         with pytest.raises(ValueError, match=why):
             tiny(TRAIN_SEQ_SCHEDULE=bad)
+    with pytest.raises(ValueError, match="training fraction"):  # PR #2014 mode knob: not needed here
+        tiny(TRAIN_SEQ_SCHEDULE_MODE="wallclock")
 
 
 def spans_seen(model):
