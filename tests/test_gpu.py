@@ -127,7 +127,6 @@ def test_fused_softcap_ce_matches_plain_forward_and_backward(compiled):
 
 
 def test_model_loss_uses_fused_ce_when_taking_gradients():
-    h = tg.load_config({})
     hidden = torch.randn(1, 512, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     weight = torch.randn(8192, 512, device="cuda") * 0.05
     targets = torch.randint(0, 8192, (1, 512), device="cuda")
