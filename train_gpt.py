@@ -30,7 +30,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import brotli
 import numpy as np
@@ -64,7 +64,9 @@ class Hyperparameters:
     warmdown_frac: float = 0.85  # last fraction of training decays the LR linearly...
     min_lr: float = 0.1  # ...to this fraction of the base LR
     train_batch_tokens: int = 786432  # global tokens per optimizer step (8 slots)
-    train_seq_len: int = 2048  # longest attention segment; longer docs are cut
+    train_seq_len: int = 2048  # longest attention segment in training (the last span); longer docs are cut
+    train_seq_schedule: str = ""  # 1024@0.1,2048@0.7,3072@1.0: span L while frac <= f (PR #2014); "" = off
+    seq_change_warmup_steps: int = 32  # after a span change the LR ramps linearly over this many steps
     train_log_every: int = 500  # log the train loss at steps 1-5 and every N steps
     val_loss_every: int = 0  # 0 = validate only at the end
     val_batch_tokens: int = 524288  # sliding eval: VAL_BATCH_TOKENS / 8 / EVAL_SEQ_LEN rows per forward
@@ -76,6 +78,8 @@ class Hyperparameters:
     mlp_mult: int = 4  # MLP hidden width = MLP_MULT * MODEL_DIM
     rope_dims: int = 16  # rotated dims per head (partial RoPE)
     qk_gain_init: float = 5.0  # initial value of the learned per-head query gain
+    mlp_leaky_slope: float = 0.5  # negative slope of the MLP's LeakyReLU^2 (PR #2140: 0.3)
+    asym_logit_rescale: bool = False  # AsymLogit: caps for logits > 0 and <= 0 from LOGIT_SOFTCAP (PR #1923)
     loop_start: int = 3  # layers loop_start..loop_end run num_loops+1 times once looping is on
     loop_end: int = 5  # last looped layer (inclusive)
     num_loops: int = 2  # extra passes over the looped layers; 0 = no loop
@@ -158,15 +162,21 @@ class Hyperparameters:
         if not 0 <= self.muon_momentum_warmup_frac < 1:
             raise ValueError(f"MUON_MOMENTUM_WARMUP_FRAC={self.muon_momentum_warmup_frac}: use 0 (steps) or a "
                              "fraction in (0, 1)")
-        if max(self.eval_seq_len, self.ttt_eval_seq_len) > self.train_seq_len:
-            raise ValueError("EVAL_SEQ_LEN and TTT_EVAL_SEQ_LEN must not exceed TRAIN_SEQ_LEN "
-                             "(attention segments are cut every TRAIN_SEQ_LEN tokens)")
+        parse_seq_schedule(self.train_seq_schedule, self.train_seq_len)  # raises on a bad spec
         if self.eval_stride >= self.eval_seq_len or self.ttt_chunk_size > self.ttt_eval_seq_len:
             raise ValueError("need EVAL_STRIDE < EVAL_SEQ_LEN and TTT_CHUNK_SIZE <= TTT_EVAL_SEQ_LEN")
 
     @property
     def head_dim(self) -> int:
         return self.model_dim // self.num_heads
+
+    @property
+    def seq_plan(self) -> list:  # [(frac, span)] of TRAIN_SEQ_SCHEDULE; empty = TRAIN_SEQ_LEN throughout
+        return parse_seq_schedule(self.train_seq_schedule, self.train_seq_len)
+
+    @property
+    def score_seq_len(self) -> int:  # attention span of every scoring forward: longer eval windows see all
+        return max(self.train_seq_len, self.eval_seq_len, self.ttt_eval_seq_len)
 
     @property
     def slot_tokens(self) -> int:  # tokens per micro-batch (one of the 8 slots of a step)
@@ -189,6 +199,7 @@ NOT_HASHED = ("seed", "run_id", "data_path", "tokenizer_path", "artifact_dir", "
 # value is the default, an env var may override it (logged). RUN_FIELDS are not stored: training,
 # quantization, paths, logging, machine choices (ATTN_BACKEND: same math).
 ARCH_FIELDS = (
+    "asym_logit_rescale", "mlp_leaky_slope",
     "parallel_lane1_skip",
     "vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
     "loop_start", "loop_end", "num_loops", "parallel_start_layer", "gate_window", "smear_gate_enabled",
@@ -205,6 +216,7 @@ EVAL_FIELDS = (
     "phased_ttt_num_phases", "global_ttt_lr", "global_ttt_chunk_tokens", "global_ttt_batch_seqs",
 )
 RUN_FIELDS = (
+    "train_seq_schedule", "seq_change_warmup_steps",
     "ema_warmup", "muon_momentum_warmup_frac",
     "data_path", "tokenizer_path", "run_id", "artifact_dir", "smoke", "iterations", "max_wallclock_seconds",
     "gptq_reserve_seconds", "warmup_steps", "warmdown_frac", "min_lr", "train_log_every", "val_loss_every",
@@ -265,6 +277,7 @@ RENAMED = {name: use for use, names in (
     ("nothing: the 1/sqrt(layer+1) norm scale is always on", "LN_SCALE"),
     ("nothing: the U-Net skips are always gated", "SKIP_GATES_ENABLED"),
     ("nothing: RoPE positions are never rescaled", "ROPE_TRAIN_SEQ_LEN ROPE_YARN"),
+    ("nothing: TRAIN_SEQ_SCHEDULE follows the training fraction, as the LR", "TRAIN_SEQ_SCHEDULE_MODE"),
     ("nothing: the final norm reads the mean of the two lanes", "PARALLEL_FINAL_LANE"),
     ("nothing: the fused CE runs whenever gradients are taken on a GPU", "FUSED_CE_ENABLED"),
     ("nothing: the sparse gate starts at 0, the dense one at std 0.005",
@@ -303,6 +316,23 @@ OUR_PREFIXES = (
     "SPARSE_", "EMA_", "WARMDOWN_", "MATRIX_", "SCALAR_", "ADAM_", "NUM_LAYERS", "NUM_LOOPS",
     "SLIDING_", "PREQUANT_",
 )
+
+
+def parse_seq_schedule(spec: str, final: int) -> list:
+    """TRAIN_SEQ_SCHEDULE "L1@f1,...,Ln@1.0" -> [(f1, L1), ...]: span L_i while the training
+    fraction is <= f_i. Fractions rise to 1.0 and the last span is TRAIN_SEQ_LEN, the model's own."""
+    if not spec:
+        return []
+    try:
+        plan = [(float(f), int(n)) for n, f in (part.split("@") for part in spec.split(","))]
+    except ValueError:
+        raise ValueError(f"TRAIN_SEQ_SCHEDULE={spec!r}: expected span@frac,... (1024@0.1,2048@1.0)") from None
+    fracs = [f for f, _ in plan]
+    if fracs != sorted(set(fracs)) or fracs[0] <= 0 or fracs[-1] != 1 or min(n for _, n in plan) < 1:
+        raise ValueError(f"TRAIN_SEQ_SCHEDULE={spec!r}: fractions must rise to exactly 1.0, spans be >= 1")
+    if plan[-1][1] != final:
+        raise ValueError(f"TRAIN_SEQ_SCHEDULE={spec!r} must end with TRAIN_SEQ_LEN ({final}): set both")
+    return plan
 
 
 def parse_env_value(raw: str, typ, name: str):
@@ -822,12 +852,13 @@ def fa3_attention(q, k, v, cu_seqlens, max_len):
     return (y[0] if isinstance(y, tuple) else y).view(B, T, *q.shape[2:])
 
 
-def attention(q, k, v, seg, backend: str, max_len: int):
-    """Causal attention within segments. q: [B,T,H,hd]; k, v: [B,T,Hkv,hd]."""
+def attention(q, k, v, seg, backend: str):
+    """Causal attention within segments. q: [B,T,H,hd]; k, v: [B,T,Hkv,hd]. seg: see
+    GPT.attention_segments ((cu_seqlens, longest segment) for the varlen kernels)."""
     if backend == "fa3":
-        return fa3_attention(q, k, v, seg, max_len)
+        return fa3_attention(q, k, v, *seg)
     if backend == "varlen":
-        B, T = q.shape[:2]
+        (seg, max_len), (B, T) = seg, q.shape[:2]
         y = varlen_attn(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), seg, seg, max_len, max_len,
                         **VARLEN_KW)
         return y.view(B, T, *q.shape[2:])
@@ -956,7 +987,7 @@ class Attention(nn.Module):
         v = v.view(B, T, self.kv_heads, self.hd)
         q = apply_rope(q, cos, sin, self.h.rope_dims) * self.q_gain.to(q.dtype)[:, None]
         k = apply_rope(k, cos, sin, self.h.rope_dims)
-        y = attention(q, k, v, seg, backend, self.h.train_seq_len)
+        y = attention(q, k, v, seg, backend)
         # XSA: remove from each head the component along its own token's (normalized) value
         yg = y.view(B, T, self.kv_heads, self.heads // self.kv_heads, self.hd)
         vn = F.normalize(v, dim=-1)[:, :, :, None, :]
@@ -967,12 +998,13 @@ class Attention(nn.Module):
 
 if triton is not None:
     @triton.jit
-    def mlp_act_matmul(a, b, pre, out, M, N, K, GRAD: tl.constexpr, BM: tl.constexpr,
+    def mlp_act_matmul(a, b, pre, out, M, N, K, GRAD: tl.constexpr, SLOPE: tl.constexpr, BM: tl.constexpr,
                        BN: tl.constexpr, BK: tl.constexpr, SMS: tl.constexpr):
         """C = A B^T (A [M, K], B [N, K], row-major) with the MLP activation in the epilogue;
         persistent, so one tile's epilogue overlaps the next tile's loads. Forward (C = x W1^T):
-        store pre = C and out = LeakyReLU(pre, 0.5)^2 from the bf16 pre, as the unfused path
-        rounds it. GRAD (C = dout W2): store out = C * act'(pre), act'(u) = 2u (u > 0) or 0.5u.
+        store pre = C and out = LeakyReLU(pre, SLOPE)^2 from the bf16 pre, as the unfused path
+        rounds it. GRAD (C = dout W2): store out = C * act'(pre), act'(u) = 2u (u > 0) or
+        2 SLOPE^2 u (the derivative of (SLOPE u)^2).
         (A TMA-descriptor version was no faster, and torch 2.11's compile returned garbage for it.)"""
         n_blocks = N // BN
         for tile in tl.range(tl.program_id(0), tl.cdiv(M, BM) * n_blocks, SMS, flatten=True):
@@ -989,72 +1021,93 @@ if triton is not None:
             offs, keep = rm[:, None] * N + rn[None, :], (rm < M)[:, None]
             if GRAD:
                 p = tl.load(pre + offs, mask=keep).to(tl.float32)
-                tl.store(out + offs, (acc * tl.where(p > 0, 2 * p, 0.5 * p)).to(out.dtype.element_ty), mask=keep)
+                d = tl.where(p > 0, 2 * p, (2 * SLOPE * SLOPE) * p)
+                tl.store(out + offs, (acc * d).to(out.dtype.element_ty), mask=keep)
             else:
                 p = acc.to(pre.dtype.element_ty)
                 tl.store(pre + offs, p, mask=keep)
-                y = tl.where(p > 0, p, 0.5 * p).to(tl.float32)
+                y = p.to(tl.float32)
+                y = tl.where(y > 0, y, SLOPE * y)
                 tl.store(out + offs, (y * y).to(out.dtype.element_ty), mask=keep)
 
-    def launch_mlp_act(a, b, pre, out, grad: bool):
+    def launch_mlp_act(a, b, pre, out, grad: bool, slope: float):
         """a [M, K] and b [N, K] contiguous; pre and out [M, N]."""
         (M, K), N, (BM, BN, BK, warps, stages) = a.shape, b.size(0), MLP_TILE
         sms = torch.cuda.get_device_properties(a.device).multi_processor_count
         wrap_triton(mlp_act_matmul)[(min(sms, triton.cdiv(M, BM) * (N // BN)),)](
-            a, b, pre, out, M, N, K, GRAD=grad, BM=BM, BN=BN, BK=BK, SMS=sms,
+            a, b, pre, out, M, N, K, GRAD=grad, SLOPE=slope, BM=BM, BN=BN, BK=BK, SMS=sms,
             num_warps=warps, num_stages=stages)
 
     @triton_op("pgolf::mlp_up", mutates_args=())
-    def mlp_up(x: torch.Tensor, w1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def mlp_up(x: torch.Tensor, w1: torch.Tensor, slope: float) -> tuple[torch.Tensor, torch.Tensor]:
         pre = x.new_empty(x.size(0), w1.size(0))
         post = torch.empty_like(pre)
-        launch_mlp_act(x.contiguous(), w1.contiguous(), pre, post, grad=False)
+        launch_mlp_act(x.contiguous(), w1.contiguous(), pre, post, False, slope)
         return pre, post
 
     @triton_op("pgolf::mlp_up_grad", mutates_args=())
-    def mlp_up_grad(g: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    def mlp_up_grad(g: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor, slope: float) -> torch.Tensor:
         dpre = torch.empty_like(pre)
-        launch_mlp_act(g.contiguous(), w2.T.contiguous(), pre, dpre, grad=True)
+        launch_mlp_act(g.contiguous(), w2.T.contiguous(), pre, dpre, True, slope)
         return dpre
 
     @triton.jit
-    def softcap_ce_rows(x, tgt, nll, lse, dnll, dx, V, C: tl.constexpr, BV: tl.constexpr,
-                        GRAD: tl.constexpr):
-        """One row of logits x per program: z = C tanh(x / C) = C (2 s - 1) with s = sigmoid(2x / C).
-        Forward: lse = logsumexp(z), nll = lse - z[target]. GRAD: dx = dnll (softmax(z) - onehot)
-        * dz/dx, with dz/dx = 1 - tanh^2 = 4 s (1 - s)."""
+    def softcap_ce_rows(x, tgt, nll, lse, dnll, dx, caps, dcaps, V, C: tl.constexpr, BV: tl.constexpr,
+                        GRAD: tl.constexpr, ASYM: tl.constexpr):
+        """One row of logits x per program: z = c tanh(x / c) = c (2 s - 1) with s = sigmoid(2x / c),
+        c = C, or with ASYM (AsymLogit) c = caps[0] where x > 0 and caps[1] elsewhere. Forward:
+        lse = logsumexp(z), nll = lse - z[target]. GRAD: dx = dnll (softmax(z) - onehot) * dz/dx,
+        dz/dx = 1 - tanh^2 = 4 s (1 - s); with ASYM also the row's cap gradients dcaps[row] = the sums
+        over x > 0 and x <= 0 of dnll (softmax(z) - onehot) dz/dc, dz/dc = t - (x / c)(1 - t^2)."""
         row, cols = tl.program_id(0).to(tl.int64), tl.arange(0, BV)
         keep, target = cols < V, tl.load(tgt + row)
-        s = tl.sigmoid(2 * tl.load(x + row * V + cols, mask=keep, other=0.0).to(tl.float32) / C)
-        z = tl.where(keep, C * (2 * s - 1), -float("inf"))
+        v = tl.load(x + row * V + cols, mask=keep, other=0.0).to(tl.float32)
+        if ASYM:
+            c = tl.where(v > 0, tl.load(caps), tl.load(caps + 1))
+        else:
+            c = C
+        s = tl.sigmoid(2 * v / c)
+        z = tl.where(keep, c * (2 * s - 1), -float("inf"))
         if GRAD:
             p = tl.exp(z - tl.load(lse + row))
             dz = (p - (cols == target).to(tl.float32)) * tl.load(dnll + row)
             tl.store(dx + row * V + cols, (dz * 4 * s * (1 - s)).to(dx.dtype.element_ty), mask=keep)
+            if ASYM:  # masked columns: dz = 0
+                t = 2 * s - 1
+                g = dz * (t - v / c * (1 - t * t))
+                tl.store(dcaps + 2 * row, tl.sum(tl.where(v > 0, g, 0.0), 0))
+                tl.store(dcaps + 2 * row + 1, tl.sum(tl.where(v > 0, 0.0, g), 0))
         else:
             m = tl.max(z, 0)
             total = m + tl.log(tl.sum(tl.exp(z - m), 0))
             tl.store(lse + row, total)
             tl.store(nll + row, total - tl.sum(tl.where(cols == target, z, 0.0), 0))
 
-    def launch_softcap_ce(x, tgt, nll, lse, dnll, dx, softcap: float, grad: bool):
-        wrap_triton(softcap_ce_rows)[(x.size(0),)](x, tgt, nll, lse, dnll, dx, x.size(1), C=softcap,
-                                                  BV=triton.next_power_of_2(x.size(1)), GRAD=grad, num_warps=8)
+    def launch_softcap_ce(x, tgt, nll, lse, dnll, dx, softcap: float, grad: bool, caps=None, dcaps=None):
+        asym = caps is not None  # else lse stands in for the unused cap pointers
+        wrap_triton(softcap_ce_rows)[(x.size(0),)](
+            x, tgt, nll, lse, dnll, dx, caps if asym else lse, dcaps if asym else lse, x.size(1), C=softcap,
+            BV=triton.next_power_of_2(x.size(1)), GRAD=grad, ASYM=asym, num_warps=8)
 
     @triton_op("pgolf::softcap_ce", mutates_args=())
-    def softcap_ce(x: torch.Tensor, tgt: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def softcap_ce(x: torch.Tensor, tgt: torch.Tensor, softcap: float,
+                   caps: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         nll = x.new_empty(x.size(0), dtype=torch.float32)
         lse = torch.empty_like(nll)
-        launch_softcap_ce(x.contiguous(), tgt.contiguous(), nll, lse, lse, nll, softcap, grad=False)  # unused: dnll, dx
+        x, tgt = x.contiguous(), tgt.contiguous()
+        launch_softcap_ce(x, tgt, nll, lse, lse, nll, softcap, False, caps)  # dnll, dx unused
         return nll, lse
 
     @triton_op("pgolf::softcap_ce_grad", mutates_args=())
     def softcap_ce_grad(dnll: torch.Tensor, x: torch.Tensor, tgt: torch.Tensor, lse: torch.Tensor,
-                        softcap: float) -> torch.Tensor:
+                        softcap: float, caps: Optional[torch.Tensor] = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """dx and the per-row cap gradients [rows, 2] (empty without caps)."""
         x, tgt, dnll = x.contiguous(), tgt.contiguous(), dnll.contiguous()
         dx = torch.empty_like(x)
-        launch_softcap_ce(x, tgt, dx, lse, dnll, dx, softcap, grad=True)  # nll unused
-        return dx
+        dcaps = lse.new_empty((x.size(0) if caps is not None else 0, 2))
+        launch_softcap_ce(x, tgt, dx, lse, dnll, dx, softcap, True, caps, dcaps)  # nll unused
+        return dx, dcaps
 MLP_TILE = (128, 256, 64, 8, 3)  # BM, BN, BK, warps, stages of mlp_act_matmul (bench/bench_mlp.py)
 
 
@@ -1063,17 +1116,18 @@ class FusedMLP(torch.autograd.Function):
     pre and post activations are saved instead of recomputed (the record's fused MLP)."""
 
     @staticmethod
-    def forward(ctx, x, w1, w2):
-        pre, post = torch.ops.pgolf.mlp_up(x, w1)
+    def forward(ctx, x, w1, w2, slope: float):
+        pre, post = torch.ops.pgolf.mlp_up(x, w1, slope)
         ctx.save_for_backward(x, w1, w2, pre, post)
+        ctx.slope = slope
         return post @ w2.T
 
     @staticmethod
     def backward(ctx, g):
         x, w1, w2, pre, post = ctx.saved_tensors
-        dpre = torch.ops.pgolf.mlp_up_grad(g, w2, pre)
+        dpre = torch.ops.pgolf.mlp_up_grad(g, w2, pre, ctx.slope)
         need = ctx.needs_input_grad  # TTT freezes the weights: skip their two matmuls
-        return dpre @ w1, dpre.T @ x if need[1] else None, g.T @ post if need[2] else None
+        return dpre @ w1, dpre.T @ x if need[1] else None, g.T @ post if need[2] else None, None
 
 
 def use_fused_kernels(x: torch.Tensor) -> bool:
@@ -1091,13 +1145,14 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = CastedLinear(h.model_dim, h.mlp_mult * h.model_dim)
         self.proj = CastedLinear(h.mlp_mult * h.model_dim, h.model_dim, zero_init=True)
+        self.slope = h.mlp_leaky_slope
 
     def forward(self, n, out_scale, lora=None):
         if use_fused_mlp(n, self.fc.weight.size(0)):
             w1, w2 = self.fc.weight.to(n.dtype), (self.proj.weight * out_scale[:, None]).to(n.dtype)
-            out = FusedMLP.apply(n.reshape(-1, n.size(-1)), w1, w2).view_as(n)
+            out = FusedMLP.apply(n.reshape(-1, n.size(-1)), w1, w2, self.slope).view_as(n)
         else:
-            out = self.proj(F.leaky_relu(self.fc(n), 0.5).square(), out_scale)
+            out = self.proj(F.leaky_relu(self.fc(n), self.slope).square(), out_scale)
         return out if lora is None else out + out_scale.to(n.dtype) * lora_delta(n, lora["mlp"], lora["scale"])
 
 
@@ -1140,29 +1195,40 @@ def final_norm(lane0, lane1):
 
 class SoftcapCE(torch.autograd.Function):
     """Per-row NLL of softcapped logits in one Triton pass over the bf16 logits, forward and
-    backward (the record's fused CE): no fp32 copy of the [rows, vocab] logits is stored."""
+    backward (the record's fused CE): no fp32 copy of the [rows, vocab] logits is stored.
+    caps: None, or AsymLogit's (positive, negative) caps, which then get their gradient too."""
 
     @staticmethod
-    def forward(ctx, logits, targets, softcap: float):
-        nll, lse = torch.ops.pgolf.softcap_ce(logits, targets, softcap)
-        ctx.save_for_backward(logits, targets, lse)
+    def forward(ctx, logits, targets, softcap: float, caps=None):
+        nll, lse = torch.ops.pgolf.softcap_ce(logits, targets, softcap, caps)
+        ctx.save_for_backward(logits, targets, lse, caps)
         ctx.softcap = softcap
         return nll
 
     @staticmethod
     def backward(ctx, g):
-        logits, targets, lse = ctx.saved_tensors
-        return torch.ops.pgolf.softcap_ce_grad(g, logits, targets, lse, ctx.softcap), None, None
+        logits, targets, lse, caps = ctx.saved_tensors
+        dx, dcaps = torch.ops.pgolf.softcap_ce_grad(g, logits, targets, lse, ctx.softcap, caps)
+        return dx, None, None, dcaps.sum(0) if ctx.needs_input_grad[3] else None
 
 
-def softcap_nll(hidden, weight, targets, softcap: float, head_delta=None):
-    """Per-token NLL (fp32) of the full softmax over softcapped tied-embedding logits."""
+def softcap_logits(z: torch.Tensor, softcap) -> torch.Tensor:
+    """c tanh(z / c): c = softcap, or AsymLogit's caps[0] for z > 0 and caps[1] for z <= 0."""
+    c = torch.where(z > 0, softcap[0], softcap[1]) if isinstance(softcap, torch.Tensor) else softcap
+    return c * torch.tanh(z / c)
+
+
+def softcap_nll(hidden, weight, targets, softcap, head_delta=None):
+    """Per-token NLL (fp32) of the full softmax over softcapped tied-embedding logits. softcap: a
+    float, or the AsymLogit caps tensor (positive, negative)."""
     logits = F.linear(hidden, weight.to(hidden.dtype))
     if head_delta is not None:
         logits = logits + head_delta
     if use_fused_kernels(logits):
-        return SoftcapCE.apply(logits.flatten(0, 1), targets.flatten(), float(softcap)).view_as(targets)
-    logits = softcap * torch.tanh(logits.float() / softcap)
+        caps = softcap if isinstance(softcap, torch.Tensor) else None
+        fixed = 0.0 if caps is not None else float(softcap)
+        return SoftcapCE.apply(logits.flatten(0, 1), targets.flatten(), fixed, caps).view_as(targets)
+    logits = softcap_logits(logits.float(), softcap)
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 
 
@@ -1170,6 +1236,7 @@ class GPT(nn.Module):
     def __init__(self, h: Hyperparameters, bos_id: int, backend: str):
         super().__init__()
         self.h, self.bos_id, self.backend, self.looping = h, bos_id, backend, False
+        self.seq_len = h.train_seq_len  # attention span: longer documents are cut into segments of this
         self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=TIED_EMBED_INIT_STD)
         self.blocks = nn.ModuleList(Block(h, i) for i in range(h.num_layers))
@@ -1179,6 +1246,8 @@ class GPT(nn.Module):
         if h.smear_gate_enabled:
             self.smear_w = nn.Parameter(torch.zeros(1, h.gate_window))
             self.smear_lambda = nn.Parameter(torch.zeros(()))
+        if h.asym_logit_rescale:  # AsymLogit (PR #1923): trained by global TTT only (see training_state)
+            self.logit_caps = nn.Parameter(torch.full((2,), LOGIT_SOFTCAP), requires_grad=False)
         self.compute_dtype = torch.bfloat16 if backend != "sdpa" else torch.float32
         self.nll, self.skip_merge, self.final_norm = softcap_nll, skip_merge, final_norm
 
@@ -1210,9 +1279,9 @@ class GPT(nn.Module):
         """What the attention backend needs to keep documents apart. Built outside the compiled
         blocks: a flex BlockMask built inside a compiled region came out wrong on CUDA
         (torch 2.11), and eager masks are reused by the compiled graph without recompiling."""
-        seg = segment_ids(idx, self.bos_id, self.h.train_seq_len)
+        seg = segment_ids(idx, self.bos_id, self.seq_len)
         if self.backend in ("fa3", "varlen"):
-            return varlen_cu_seqlens(seg)
+            return varlen_cu_seqlens(seg), self.seq_len
         return flex_doc_mask(seg) if self.backend == "flex" else seg
 
     def hidden(self, idx, lora=None):
@@ -1240,7 +1309,8 @@ class GPT(nn.Module):
         """Per-token NLL [B, T] in nats; callers reduce (mean for training, sums for BPB)."""
         x = self.hidden(idx, lora)
         delta = None if lora is None else lora_delta(x, lora["head"], lora["scale"])
-        return self.nll(x, self.tok_emb.weight, targets, LOGIT_SOFTCAP, delta)
+        softcap = self.logit_caps if self.h.asym_logit_rescale else LOGIT_SOFTCAP
+        return self.nll(x, self.tok_emb.weight, targets, softcap, delta)
 
 
 def compile_model(model: GPT) -> None:
@@ -1353,7 +1423,7 @@ class Optimizers:
     """Muon + AdamW with one global-norm clip, identical on every rank and every world size."""
 
     def __init__(self, model: GPT, d: Dist, h: Hyperparameters):
-        named = list(model.named_parameters())
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # not AsymLogit caps
         self.muon = Muon([(n, p) for n, p in named if is_muon_param(n, p)], d, h)
         emb = [model.tok_emb.weight]
         small = [p for n, p in named if not is_muon_param(n, p) and p is not model.tok_emb.weight]
@@ -2195,9 +2265,10 @@ def lora_view(lora: dict, dtype) -> dict:
 
 
 def ttt_bucket(n: int, length: int) -> int:
-    """Window lengths are padded to length/8, /4, /2 or length (at least 128): four compiled
-    shapes, and short documents do not pay for 2048-token rows."""
-    return min(b for b in {max(min(length, 128), length >> k) for k in range(4)} if b >= n)
+    """Window lengths are padded to length/8, /4, /2 or length, rounded up to a multiple of 128 (flex
+    blocks; 2560/8 = 320 -> 384) and at least 128: four compiled shapes, and short documents do not
+    pay for 2048-token rows."""
+    return min(b for b in {min(length, max(128, -(-(length >> k) // 128) * 128)) for k in range(4)} if b >= n)
 
 
 def chunk_plan(docs, starts, ends, c: int, h: Hyperparameters) -> dict:
@@ -2478,7 +2549,17 @@ def scored_eval(name: str, fn, model, val, h, d, log, ledger, starts, ends):
 
 def scoring_state(model: GPT, h: Hyperparameters):
     model.looping = h.num_loops > 0  # the scored model always runs its loop, as in the records
+    model.seq_len = h.score_seq_len  # eval windows longer than TRAIN_SEQ_LEN are not cut
     model.requires_grad_(False)
+
+
+def training_state(model: GPT, h: Hyperparameters):
+    """Every weight learns except the AsymLogit caps: records kept the training loss at the fixed
+    LOGIT_SOFTCAP (PR #1923); only global TTT, which trains every weight, moves them."""
+    model.looping, model.seq_len = False, h.train_seq_len
+    model.requires_grad_(True)
+    if h.asym_logit_rescale:
+        model.logit_caps.requires_grad_(False)
 
 
 def precompile_eval(model: GPT, h: Hyperparameters, d: Dist, bos_id: int):
@@ -2487,8 +2568,7 @@ def precompile_eval(model: GPT, h: Hyperparameters, d: Dist, bos_id: int):
     the TTT eval took 297 s to compile on an H100 (bench/RESULTS.md)."""
     scoring_state(model, h)
     eval_warmup(model, h, d, bos_id)
-    model.looping = False
-    model.requires_grad_(True)
+    training_state(model, h)
     if d.device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()  # peak_mem_mib reports training, not this warmup
@@ -2591,19 +2671,23 @@ def forward_backward(model: GPT, batches: list) -> torch.Tensor:
 
 
 def compile_warmup(model: GPT, h: Hyperparameters, d: Dist, val_window: int) -> None:
-    """Run every graph variant (loop off/on, train and eval) on synthetic tokens, then restore the
-    initial weights; the optimizers used here are thrown away."""
+    """Run every graph variant (loop off/on, each TRAIN_SEQ_SCHEDULE span, train and eval) on
+    synthetic tokens, then restore the initial weights; the optimizers used here are thrown away."""
     initial = copy.deepcopy(model.state_dict())
     opt, gen = Optimizers(model, d, h), torch.Generator().manual_seed(1234)
+    spans = sorted({n for _, n in h.seq_plan} - {h.train_seq_len}) + [h.train_seq_len]
     for looping in (False, True):
         model.looping = looping
-        for _ in range(h.warmup_steps):
-            forward_backward(model, synthetic_batches(h, d, gen))
-            opt.step(1.0, h.muon_momentum_warmup_start)
-            opt.zero_grad()
-        with torch.no_grad():
-            x, y = synthetic_batches(h, d, gen)[0]
-            model(x[:, :val_window], y[:, :val_window])
+        for span in spans:  # the varlen kernels take the span: a graph each; the last warms the steps
+            model.seq_len, last = span, span == h.train_seq_len
+            for _ in range(h.warmup_steps if last else 2):
+                forward_backward(model, synthetic_batches(h, d, gen))
+                if last:
+                    opt.step(1.0, h.muon_momentum_warmup_start)
+                opt.zero_grad()
+            with torch.no_grad():
+                x, y = synthetic_batches(h, d, gen)[0]
+                model(x[:, :val_window], y[:, :val_window])
     model.load_state_dict(initial)
     model.looping = False
 
@@ -2627,12 +2711,22 @@ class Clock:
         self.paused += time.perf_counter() - t0
 
 
+def seq_span(frac: float, h: Hyperparameters) -> int:
+    """Attention span of the step at training fraction `frac` (TRAIN_SEQ_SCHEDULE, PR #2014)."""
+    return next((n for f, n in h.seq_plan if frac <= f), h.train_seq_len)
+
+
+def rewarm(steps_since: int, h: Hyperparameters) -> float:
+    """LR factor after a span change: linear from 1/N to 1 over N = SEQ_CHANGE_WARMUP_STEPS steps."""
+    return min(1.0, (steps_since + 1) / max(h.seq_change_warmup_steps, 1))
+
+
 def train(model: GPT, h: Hyperparameters, d: Dist, spec: DataSpec, val: ValData, log) -> dict:
     loader, opt = TrainLoader(spec.train_files, h.slot_tokens, d), Optimizers(model, d, h)
     ema, clock = EMA(model, h.ema_decay, h.ema_warmup), Clock(d)
     # each rank collects Hessians on 8/world of the calibration slots (29.9 s on one H100)
     cap_ms = 1000 * (h.max_wallclock_seconds - h.gptq_reserve_seconds * 8 / d.world_size)
-    step, loop_at, loop_ms, elapsed = 0, None, 0.0, 0.0
+    step, loop_at, loop_ms, elapsed, span_at = 0, None, 0.0, 0.0, -h.seq_change_warmup_steps
     while True:
         frac = elapsed / cap_ms if h.max_wallclock_seconds > 0 else step / h.iterations
         if frac >= 1 or step >= h.iterations:
@@ -2640,8 +2734,11 @@ def train(model: GPT, h: Hyperparameters, d: Dist, spec: DataSpec, val: ValData,
         if not model.looping and h.num_loops > 0 and frac >= h.enable_looping_at:
             model.looping, loop_at, loop_ms = True, step, elapsed
             log(f"layer_loop:enabled step:{step} frac:{frac:.3f} order:{model.layer_order(True)}")
+        if seq_span(frac, h) != model.seq_len:  # progressive context (PR #2014), re-warm-up after a change
+            model.seq_len, span_at = seq_span(frac, h), step if step else span_at
+            log(f"seq_span:{model.seq_len} step:{step} frac:{frac:.3f}")
         loss = forward_backward(model, loader.next_step())
-        opt.step(lr_multiplier(frac, h), muon_momentum(step, frac, h))
+        opt.step(lr_multiplier(frac, h) * rewarm(step - span_at, h), muon_momentum(step, frac, h))
         opt.zero_grad()
         ema.update()
         step += 1

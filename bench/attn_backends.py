@@ -28,11 +28,12 @@ def cudnn_varlen(q, k, v, cu, max_len):
 
 def via_train_gpt(backend: str):
     """train_gpt.attention itself, on the segments its backend takes."""
-    return lambda q, k, v, seg, max_len: tg.attention(q, k, v, seg, backend, max_len)
+    return lambda q, k, v, seg, max_len: tg.attention(q, k, v, (seg, max_len) if backend == "varlen" else seg,
+                                                      backend)
 
 
 def reference(q, k, v, seg):
-    return tg.attention(q.float(), k.float(), v.float(), seg, "sdpa", 2048)
+    return tg.attention(q.float(), k.float(), v.float(), seg, "sdpa")
 
 
 def check(name, fn, arg, q, k, v, seg):

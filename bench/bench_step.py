@@ -5,6 +5,7 @@
   BENCH_DATA=/tmp/bench_caseops python bench/bench_step.py   # real shards instead of random tokens
   ATTN_BACKEND=varlen python bench/bench_step.py            # one backend (default: what auto picks)
   FUSED_MLP=0 python bench/bench_step.py                    # A/B: the MLP without the Triton kernel
+  ASYM_LOGIT_RESCALE=1 python bench/bench_step.py           # A/B: any declared train_gpt env var (a lever)
   FLEX_DEFAULTS=1 python bench/bench_step.py                # A/B: torch's flex tiles, not FLEX_OPTIONS
   BENCH_LOOP=1 python bench/bench_step.py                   # + the training loop's per-step clock and EMA
   BENCH_INDUCTOR=coordinate_descent_tuning=1 python bench/bench_step.py   # A/B: inductor settings
@@ -12,6 +13,7 @@
 Prints compile time, ms/step with the loop off and on, tokens/s and peak memory per batch size,
 plus a parity check of the compiled flex-attention document mask against an SDPA reference.
 """
+import dataclasses
 import os
 import sys
 import time
@@ -33,9 +35,9 @@ def parity_check(device, backend: str):
     idx[torch.rand_like(idx, dtype=torch.float) < 1 / 300] = 1
     q = torch.randn(2, 4096, 8, 64, device=device, dtype=torch.bfloat16)
     k, v = (torch.randn(2, 4096, 4, 64, device=device, dtype=torch.bfloat16) for _ in range(2))
-    fn = torch.compile(lambda q, k, v, s: tg.attention(q, k, v, s, backend, 2048), fullgraph=True)
+    fn = torch.compile(lambda q, k, v, s: tg.attention(q, k, v, s, backend), fullgraph=True)
     a = fn(q, k, v, model.attention_segments(idx))
-    b = tg.attention(q, k, v, ref.attention_segments(idx), "sdpa", 2048)
+    b = tg.attention(q, k, v, ref.attention_segments(idx), "sdpa")
     err = ((a.float() - b.float()).norm() / b.float().norm()).item()
     print(f"parity {backend} vs sdpa: rel err {err:.2e}")
     assert err < 2e-2, err
@@ -56,7 +58,9 @@ def parity_check(device, backend: str):
 
 
 def bench(batch_tokens: int, steps: int, d, backend: str):
-    h = tg.load_config({"TRAIN_BATCH_TOKENS": str(batch_tokens), "WARMUP_STEPS": "3"})
+    fields = {f.name.upper() for f in dataclasses.fields(tg.Hyperparameters)}
+    env = {k: v for k, v in os.environ.items() if k in fields}  # the levers under test
+    h = tg.load_config({**env, "TRAIN_BATCH_TOKENS": str(batch_tokens), "WARMUP_STEPS": "3"})
     torch.manual_seed(0)
     model = tg.GPT(h, 1, backend).to(d.device)
     tg.compile_model(model)

@@ -113,12 +113,12 @@ def main():
     x, g = torch.randn(M, D, **bf), torch.randn(M, D, **bf)
     w1, w2 = torch.randn(H, D, **bf) / D**0.5, torch.randn(D, H, **bf) / H**0.5
     w2t = w2.T.contiguous()
-    ref_pre, ref_post = tg.mlp_up(x, w1)
-    ref_d = tg.mlp_up_grad(g, w2, ref_pre)
+    ref_pre, ref_post = tg.mlp_up(x, w1, 0.5)
+    ref_d = tg.mlp_up_grad(g, w2, ref_pre, 0.5)
     pre, post, d = (torch.empty(M, H, **bf) for _ in range(3))
     print(f"cuBLAS x @ W1^T (pre only): {timed(lambda: torch.mm(x, w1.T, out=pre)):.1f} ms / 88")
-    print(f"train_gpt fwd {timed(lambda: tg.launch_mlp_act(x, w1, pre, post, False)):.1f} ms, "
-          f"grad {timed(lambda: tg.launch_mlp_act(g, w2t, ref_pre, d, True)):.1f} ms / 88")
+    print(f"train_gpt fwd {timed(lambda: tg.launch_mlp_act(x, w1, pre, post, False, 0.5)):.1f} ms, "
+          f"grad {timed(lambda: tg.launch_mlp_act(g, w2t, ref_pre, d, True, 0.5)):.1f} ms / 88")
     tma_tiles = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 2), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4)]
     for tile in tma_tiles if os.environ.get("TMA_VARIANTS", "1") == "1" else []:
         for sub in (False, True):

@@ -124,6 +124,8 @@ def test_ttt_bucket():
         [256, 256, 512, 1024, 2048, 2048]
     assert [tg.ttt_bucket(n, 256) for n in (1, 128, 129)] == [128, 128, 256]
     assert tg.ttt_bucket(5, 32) == 32
+    assert [tg.ttt_bucket(n, 2560) for n in (1, 385, 641, 1281)] == [384, 640, 1280, 2560]  # flex: x128
+    assert [tg.ttt_bucket(n, 3072) for n in (1, 385, 769, 1537)] == [384, 768, 1536, 3072]
 
 
 def test_ttt_with_zero_lr_equals_plain_doc_eval():

@@ -1,5 +1,6 @@
-"""GPU kernels of train_gpt.py against plain PyTorch: the fused LeakyReLU(0.5)^2 MLP and softcapped
-cross-entropy (Triton), and flex attention with the tuned kernel options. Skipped without CUDA; run on the device with
+"""GPU kernels of train_gpt.py against plain PyTorch: the fused LeakyReLU^2 MLP (slopes 0.5 and 0.3) and
+softcapped cross-entropy (symmetric and AsymLogit caps; Triton), flex attention with the tuned kernel
+options, and the compile count of a TRAIN_SEQ_SCHEDULE after its warmup. Skipped without CUDA; run on the device with
 `python -m pytest tests/test_gpu.py` (results in bench/RESULTS.md)."""
 import pytest
 import torch
@@ -15,8 +16,8 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def mlp_ref(x, w1, w2):
-    return F.leaky_relu(x @ w1.T, 0.5).square() @ w2.T
+def mlp_ref(x, w1, w2, slope=0.5):
+    return F.leaky_relu(x @ w1.T, slope).square() @ w2.T
 
 
 def mlp_inputs(M, seed=0):
@@ -35,15 +36,16 @@ def grads(fn, x, w1, w2, g):
     return [y] + [t.grad for t in leaves]
 
 
+@pytest.mark.parametrize("slope", [0.5, 0.3])  # MLP_LEAKY_SLOPE: the record's, PR #2140's
 @pytest.mark.parametrize("M", [4096, 1000])  # 1000: rows not a multiple of the 128-row tile
-def test_fused_mlp_matches_fp32_reference_as_well_as_unfused_bf16(M):
+def test_fused_mlp_matches_fp32_reference_as_well_as_unfused_bf16(M, slope):
     x, w1, w2 = mlp_inputs(M)
     g = torch.randn(M, 512, device="cuda")
-    ref = [mlp_ref(x, w1, w2)]
+    ref = [mlp_ref(x, w1, w2, slope)]
     ref[0].backward(g)
     ref += [x.grad, w1.grad, w2.grad]
-    fused = grads(tg.FusedMLP.apply, x, w1, w2, g)
-    plain = grads(mlp_ref, x, w1, w2, g)
+    fused = grads(lambda *a: tg.FusedMLP.apply(*a, slope), x, w1, w2, g)
+    plain = grads(lambda *a: mlp_ref(*a, slope), x, w1, w2, g)
     for name, r, f, p in zip(("out", "dx", "dw1", "dw2"), ref, fused, plain):
         assert rel(f, r) < 1.5 * rel(p, r) + 1e-3, (name, rel(f, r), rel(p, r))
 
@@ -54,7 +56,7 @@ def test_fused_mlp_with_frozen_weights_returns_only_the_input_gradient():
     g = torch.randn(512, 512, device="cuda")
     xb = x.detach().bfloat16().requires_grad_()
     w1b, w2b = w1.detach().bfloat16(), w2.detach().bfloat16()
-    tg.FusedMLP.apply(xb, w1b, w2b).backward(g.bfloat16())
+    tg.FusedMLP.apply(xb, w1b, w2b, 0.5).backward(g.bfloat16())
     ref = grads(mlp_ref, x, w1, w2, g)[1]
     assert w1b.grad is None and w2b.grad is None and rel(xb.grad, ref) < 1e-2
 
@@ -94,7 +96,7 @@ def test_flex_with_tuned_options_matches_sdpa_forward_and_backward():
     for backend, s in (("flex", tg.flex_doc_mask(seg)), ("sdpa", seg)):
         for t in (q, k, v):
             t.grad = None
-        y = tg.attention(q, k, v, s, backend, 2048)
+        y = tg.attention(q, k, v, s, backend)
         y.backward(g)
         out.append([y, q.grad.clone(), k.grad.clone(), v.grad.clone()])
     for name, a, b in zip(("out", "dq", "dk", "dv"), *out):
@@ -117,7 +119,7 @@ def test_fused_softcap_ce_matches_plain_forward_and_backward(compiled):
     fn = torch.compile(tg.SoftcapCE.apply, fullgraph=True) if compiled else tg.SoftcapCE.apply
     x = logits.clone().requires_grad_()
     assert tg.use_fused_kernels(x)
-    nll = fn(x, targets, 30.0)
+    nll = fn(x, targets, 30.0, None)
     nll.backward(g)
     assert nll.dtype == torch.float32
     assert rel(nll, plain_softcap_nll(logits, targets)) < 1e-5
@@ -125,7 +127,6 @@ def test_fused_softcap_ce_matches_plain_forward_and_backward(compiled):
 
 
 def test_model_loss_uses_fused_ce_when_taking_gradients():
-    h = tg.load_config({})
     hidden = torch.randn(1, 512, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     weight = torch.randn(8192, 512, device="cuda") * 0.05
     targets = torch.randint(0, 8192, (1, 512), device="cuda")
@@ -134,3 +135,59 @@ def test_model_loss_uses_fused_ce_when_taking_gradients():
         plain = tg.softcap_nll(hidden, weight, targets, tg.LOGIT_SOFTCAP)
     assert fused.shape == plain.shape == targets.shape and rel(fused, plain) < 1e-5
     assert "SoftcapCE" in type(fused.grad_fn.next_functions[0][0]).__name__  # under the view_as
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fused_asym_softcap_ce_matches_plain_forward_and_backward(compiled):
+    """AsymLogit (PR #1923) in the kernel: nll, dx and the two cap gradients against fp32 autograd
+    of where(x > 0, c+ tanh(x / c+), c- tanh(x / c-)); at caps (30, 30) it equals the symmetric kernel."""
+    torch.manual_seed(0)
+    logits = (torch.randn(1000, 8192, device="cuda") * 20).bfloat16()
+    targets = torch.randint(0, 8192, (1000,), device="cuda")
+    g = torch.rand(1000, device="cuda")
+    caps = torch.tensor([25.0, 35.0], device="cuda", requires_grad=True)
+    ref_x, ref_caps = logits.float().requires_grad_(), caps.detach().clone().requires_grad_()
+    F.cross_entropy(tg.softcap_logits(ref_x, ref_caps), targets, reduction="none").backward(g)
+    fn = torch.compile(tg.SoftcapCE.apply, fullgraph=True) if compiled else tg.SoftcapCE.apply
+    x = logits.clone().requires_grad_()
+    nll = fn(x, targets, 0.0, caps)
+    nll.backward(g)
+    with torch.no_grad():
+        plain = F.cross_entropy(tg.softcap_logits(logits.float(), caps), targets, reduction="none")
+    assert rel(nll, plain) < 1e-5 and rel(x.grad, ref_x.grad) < 1e-2
+    assert rel(caps.grad, ref_caps.grad) < 1e-3, (caps.grad, ref_caps.grad)
+    same = torch.full((2,), 30.0, device="cuda")
+    sym, asym = tg.SoftcapCE.apply(logits, targets, 30.0, None), tg.SoftcapCE.apply(logits, targets, 0.0, same)
+    assert rel(asym, sym) < 1e-6
+
+
+def test_model_loss_with_asym_caps_uses_fused_ce():
+    hidden = torch.randn(1, 512, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(8192, 512, device="cuda") * 0.05
+    targets = torch.randint(0, 8192, (1, 512), device="cuda")
+    caps = torch.tensor([tg.LOGIT_SOFTCAP - 3, tg.LOGIT_SOFTCAP + 3], device="cuda", requires_grad=True)
+    fused = tg.softcap_nll(hidden, weight, targets, caps)
+    with torch.no_grad():
+        plain = tg.softcap_nll(hidden, weight, targets, caps)
+    assert rel(fused, plain) < 1e-5 and "SoftcapCE" in type(fused.grad_fn.next_functions[0][0]).__name__
+    fused.sum().backward()
+    assert caps.grad is not None and caps.grad.abs().min() > 0
+
+
+def test_scheduled_spans_compile_nothing_after_the_warmup():
+    """TRAIN_SEQ_SCHEDULE: compile_warmup runs every span (loop off and on), so training steps at
+    any span, as train() switches them, compile no further graph."""
+    d = tg.Dist(0, 1, 0, torch.device("cuda"))
+    h = tg.load_config({"TRAIN_BATCH_TOKENS": str(8 * 16384), "WARMUP_STEPS": "2",
+                        "TRAIN_SEQ_SCHEDULE": "1024@0.3,2048@1.0"})
+    torch._dynamo.reset()
+    model = tg.GPT(h, 1, tg.pick_attention_backend(d.device)).cuda()
+    tg.compile_model(model)
+    tg.compile_warmup(model, h, d, h.slot_tokens)
+    before, gen = tg.compiled_graphs(), torch.Generator().manual_seed(7)
+    for looping in (False, True):
+        for span in (1024, 2048, 1024):
+            model.looping, model.seq_len = looping, span
+            tg.forward_backward(model, tg.synthetic_batches(h, d, gen))
+    assert tg.compiled_graphs() == before
+    torch._dynamo.reset()

@@ -1,6 +1,8 @@
 """Model invariants of train_gpt.py on CPU: shapes, identity at init, loop order, lanes, and the
 two leaks records shipped (SmearGate across BOS, attention across documents)."""
 import math
+import types
+from typing import Optional
 
 import pytest
 import torch
@@ -8,6 +10,15 @@ import torch
 import train_gpt as tg
 
 BOS = 1
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny CPU ops: extra threads only add overhead (and crawl on a shared machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def tiny(**over):
@@ -174,49 +185,63 @@ def test_flex_block_mask_matches_dense_mask():
 
 @pytest.fixture(scope="module")
 def reference_kernel_ops():
-    """CPU stand-ins for the Triton ops (same signatures, plain math), so the autograd wiring of
-    FusedMLP and SoftcapCE is checked here; the kernels themselves are in tests/test_gpu.py."""
+    """CPU stand-ins for the Triton ops (same signatures, plain math: the kernels' own formulas,
+    not autograd), so the autograd wiring of FusedMLP and SoftcapCE is checked here; the kernels
+    themselves are in tests/test_gpu.py."""
     if tg.triton is not None:
         pytest.skip("Triton present: the real ops are registered and tested in tests/test_gpu.py")
     F = torch.nn.functional
 
     @torch.library.custom_op("pgolf::mlp_up", mutates_args=())
-    def mlp_up(x: torch.Tensor, w1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def mlp_up(x: torch.Tensor, w1: torch.Tensor, slope: float) -> tuple[torch.Tensor, torch.Tensor]:
         pre = x @ w1.T
-        return pre, F.leaky_relu(pre, 0.5).square()
+        return pre, F.leaky_relu(pre, slope).square()
 
     @torch.library.custom_op("pgolf::mlp_up_grad", mutates_args=())
-    def mlp_up_grad(g: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-        return (g @ w2) * torch.where(pre > 0, 2 * pre, 0.5 * pre)
+    def mlp_up_grad(g: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor, slope: float) -> torch.Tensor:
+        return (g @ w2) * torch.where(pre > 0, 2 * pre, 2 * slope * slope * pre)  # d/du (slope u)^2
+
+    def cap_of(x, softcap, caps):
+        return softcap if caps is None else torch.where(x > 0, caps[0], caps[1])
 
     @torch.library.custom_op("pgolf::softcap_ce", mutates_args=())
-    def softcap_ce(x: torch.Tensor, tgt: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
-        z = softcap * torch.tanh(x / softcap)
+    def softcap_ce(x: torch.Tensor, tgt: torch.Tensor, softcap: float,
+                   caps: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        c = cap_of(x, softcap, caps)
+        z = c * torch.tanh(x / c)
         lse = torch.logsumexp(z, -1)
         return lse - z.gather(1, tgt[:, None])[:, 0], lse
 
     @torch.library.custom_op("pgolf::softcap_ce_grad", mutates_args=())
     def softcap_ce_grad(dnll: torch.Tensor, x: torch.Tensor, tgt: torch.Tensor, lse: torch.Tensor,
-                        softcap: float) -> torch.Tensor:
-        t = torch.tanh(x / softcap)
-        p = torch.exp(softcap * t - lse[:, None])
+                        softcap: float, caps: Optional[torch.Tensor] = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        c = cap_of(x, softcap, caps)
+        t = torch.tanh(x / c)
+        p = torch.exp(c * t - lse[:, None])
         p[torch.arange(len(tgt)), tgt] -= 1
-        return p * dnll[:, None] * (1 - t * t)
+        dz = p * dnll[:, None]
+        if caps is None:
+            return dz * (1 - t * t), x.new_empty(0, 2)
+        dc = dz * (t - x / c * (1 - t * t))  # d/dc of c tanh(x / c)
+        pos = x > 0
+        return dz * (1 - t * t), torch.stack([(dc * pos).sum(1), (dc * ~pos).sum(1)], 1)
 
 
-def test_fused_mlp_backward_formulas_and_frozen_weights(reference_kernel_ops):
+@pytest.mark.parametrize("slope", [0.5, 0.3])
+def test_fused_mlp_backward_formulas_and_frozen_weights(reference_kernel_ops, slope):
     torch.manual_seed(0)
     x, w1, w2 = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((64, 32), (128, 32), (32, 128)))
     g = torch.randn(64, 32, dtype=torch.float64)
-    ref = torch.nn.functional.leaky_relu(x @ w1.T, 0.5).square() @ w2.T
-    y = tg.FusedMLP.apply(x, w1, w2)
+    ref = torch.nn.functional.leaky_relu(x @ w1.T, slope).square() @ w2.T
+    y = tg.FusedMLP.apply(x, w1, w2, slope)
     assert torch.allclose(y, ref)
     want = torch.autograd.grad(ref, (x, w1, w2), g)
     for a, b in zip(torch.autograd.grad(y, (x, w1, w2), g), want):
         assert torch.allclose(a, b)
     xf = x.detach().requires_grad_()
     w1f, w2f = w1.detach(), w2.detach()
-    tg.FusedMLP.apply(xf, w1f, w2f).backward(g)  # frozen weights (LoRA TTT): input grad only
+    tg.FusedMLP.apply(xf, w1f, w2f, slope).backward(g)  # frozen weights (LoRA TTT): input grad only
     assert torch.allclose(xf.grad, want[0]) and w1f.grad is None
 
 
@@ -225,23 +250,56 @@ def test_softcap_ce_backward_matches_autograd_of_the_plain_loss(reference_kernel
     x = (torch.randn(50, 40, dtype=torch.float64) * 20).requires_grad_()
     t, g = torch.randint(0, 40, (50,)), torch.rand(50, dtype=torch.float64)
     ref = torch.nn.functional.cross_entropy(30 * torch.tanh(x / 30), t, reduction="none")
-    y = tg.SoftcapCE.apply(x, t, 30.0)
+    y = tg.SoftcapCE.apply(x, t, 30.0, None)
     assert torch.allclose(y, ref)
     assert torch.allclose(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0])
 
 
-def test_mlp_output_scale_folds_into_proj_fused_and_plain(reference_kernel_ops, monkeypatch):
-    """out_scale * proj(act(fc(n))) with the scale folded into the proj weight: same values and
-    gradients (scale included) on the fused and the plain path."""
+def test_asym_softcap_ce_gives_logit_and_cap_gradients(reference_kernel_ops):
+    """AsymLogit through SoftcapCE: values, dx and both caps' gradients equal autograd of the plain
+    where(x > 0, c+ tanh(x / c+), c- tanh(x / c-)) loss."""
     torch.manual_seed(0)
-    mlp = tg.MLP(tiny()).double()
+    x = (torch.randn(50, 40, dtype=torch.float64) * 20).requires_grad_()
+    caps = torch.tensor([22.0, 37.0], dtype=torch.float64, requires_grad=True)
+    t, g = torch.randint(0, 40, (50,)), torch.rand(50, dtype=torch.float64)
+    ref = torch.nn.functional.cross_entropy(tg.softcap_logits(x, caps), t, reduction="none")
+    y = tg.SoftcapCE.apply(x, t, 0.0, caps)
+    assert torch.allclose(y, ref)
+    want = torch.autograd.grad(ref, (x, caps), g)
+    for a, b in zip(torch.autograd.grad(y, (x, caps), g), want):
+        assert torch.allclose(a, b)
+    assert (want[1].abs() > 1e-3).all()  # both caps do get a gradient
+
+
+def test_model_loss_with_asym_caps_fused_equals_plain(reference_kernel_ops, monkeypatch):
+    """GPT.forward hands the caps to the fused CE: same NLL and the same cap gradient as the plain path."""
+    h = tiny(ASYM_LOGIT_RESCALE=1)
+    model = randomized(h)
+    model.logit_caps.data = torch.tensor([2.0, 3.0])  # small caps: the random logits do reach them
+    model.logit_caps.requires_grad_(True)
+    idx = docs_batch(128)
+    out = []
+    for fused in (False, True):
+        monkeypatch.setattr(tg, "use_fused_kernels", lambda x, f=fused: f)
+        nll = model(idx, torch.roll(idx, -1, 1))
+        out.append((nll, torch.autograd.grad(nll.sum(), model.logit_caps)[0]))
+    assert torch.allclose(out[0][0], out[1][0], atol=1e-5) and torch.allclose(out[0][1], out[1][1], rtol=1e-4)
+
+
+@pytest.mark.parametrize("slope", [0.5, 0.3])
+def test_mlp_output_scale_folds_into_proj_fused_and_plain(reference_kernel_ops, monkeypatch, slope):
+    """out_scale * proj(act(fc(n))) with the scale folded into the proj weight: same values and
+    gradients (scale included) on the fused and the plain path, at MLP_LEAKY_SLOPE `slope`."""
+    torch.manual_seed(0)
+    mlp = tg.MLP(tiny(MLP_LEAKY_SLOPE=slope)).double()
     with torch.no_grad():
         mlp.proj.weight.normal_()
     n = torch.randn(2, 16, mlp.fc.weight.size(1), dtype=torch.float64, requires_grad=True)
     scale = torch.randn(mlp.proj.weight.size(0), dtype=torch.float64, requires_grad=True)
     g = torch.randn(2, 16, mlp.proj.weight.size(0), dtype=torch.float64)
     params = (n, scale, mlp.fc.weight, mlp.proj.weight)
-    ref = scale * (torch.nn.functional.leaky_relu(n @ mlp.fc.weight.T, 0.5).square() @ mlp.proj.weight.T)
+    u = n @ mlp.fc.weight.T
+    ref = scale * (torch.where(u > 0, u, slope * u).square() @ mlp.proj.weight.T)
     want = torch.autograd.grad(ref, params, g)
     for fused in (False, True):
         monkeypatch.setattr(tg, "use_fused_mlp", lambda x, hidden, f=fused: f)
@@ -264,3 +322,122 @@ def test_segment_ids_match_a_cummax_reference():
             idx[torch.rand(3, T, generator=g) < rate] = BOS
             for max_len in (1, 16, 2048):
                 assert torch.equal(tg.segment_ids(idx, BOS, max_len), reference(idx, BOS, max_len))
+
+
+# ---- AsymLogit (PR #1923) -------------------------------------------------------------------------
+
+
+def test_asym_caps_at_the_softcap_give_todays_loss_exactly():
+    h = tiny()
+    base = randomized(h)
+    asym = tg.GPT(tiny(ASYM_LOGIT_RESCALE=1), BOS, "sdpa")
+    missing, _ = asym.load_state_dict(base.state_dict(), strict=False)
+    assert missing == ["logit_caps"] and asym.logit_caps.tolist() == [tg.LOGIT_SOFTCAP] * 2
+    idx = docs_batch()
+    assert torch.equal(asym(idx, torch.roll(idx, -1, 1)), base(idx, torch.roll(idx, -1, 1)))
+
+
+def test_asym_caps_learn_in_global_ttt_only():
+    """Records kept the training loss at LOGIT_SOFTCAP; the caps move only where every weight does
+    (global TTT). They pass through quantization as fp16 scalars."""
+    h = tiny(ASYM_LOGIT_RESCALE=1, GLOBAL_TTT_CHUNK_TOKENS=256)
+    model, d = randomized(h), tg.Dist(0, 1, 0, torch.device("cpu"))
+    model.logit_caps.data.fill_(3.0)  # within reach of the random logits: a visible gradient
+    tg.training_state(model, h)
+    assert not model.logit_caps.requires_grad and model.tok_emb.weight.requires_grad
+    opt = tg.Optimizers(model, d, h)
+    tg.forward_backward(model, tg.synthetic_batches(h, d, torch.Generator().manual_seed(0)))
+    opt.step(1.0, 0.9)
+    assert model.logit_caps.tolist() == [3.0, 3.0]
+    stream = docs_batch(1024).flatten()
+    tg.global_sgd(model, stream, h, d, None, lambda *a: None, "test")
+    assert model.logit_caps[0] != 3.0 and model.logit_caps[1] != 3.0
+    sd = {k: v.detach().float() for k, v in model.state_dict().items()}
+    qstate, _ = tg.quantize_state_dict(sd, {}, h, log=lambda *a: None)
+    assert qstate["logit_caps"]["kind"] == "fp16"
+    assert torch.equal(tg.dequantize_state_dict(qstate)["logit_caps"], model.logit_caps.half().float())
+
+
+# ---- sequence lengths: progressive training context (PR #2014), longer eval context ----------------
+
+
+def test_seq_schedule_parsing_and_spans():
+    h = tiny(TRAIN_SEQ_SCHEDULE="64@0.25,128@0.5,256@1.0", SEQ_CHANGE_WARMUP_STEPS=4)
+    assert h.seq_plan == [(0.25, 64), (0.5, 128), (1.0, 256)]
+    assert [tg.seq_span(f, h) for f in (0, 0.25, 0.2501, 0.5, 0.9, 1.0)] == [64, 64, 128, 128, 256, 256]
+    assert [tg.rewarm(k, h) for k in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert tiny().seq_plan == [] and tg.seq_span(0.3, tiny()) == tiny().train_seq_len
+    for bad, why in (("64@0.5,256@0.9", "1.0"), ("128@0.5,64@1.0", "TRAIN_SEQ_LEN"), ("64-0.5", "span@frac"),
+                     ("256@0.5,64@0.4,256@1.0", "rise")):
+        with pytest.raises(ValueError, match=why):
+            tiny(TRAIN_SEQ_SCHEDULE=bad)
+    with pytest.raises(ValueError, match="training fraction"):  # PR #2014 mode knob: not needed here
+        tiny(TRAIN_SEQ_SCHEDULE_MODE="wallclock")
+
+
+def spans_seen(model):
+    """Record (looping, span, grad mode) of every forward of `model`."""
+    seen, segments = [], model.attention_segments
+
+    def spy(idx):
+        seen.append((model.looping, model.seq_len, torch.is_grad_enabled()))
+        return segments(idx)
+    model.attention_segments = spy
+    return seen
+
+
+def test_compile_warmup_runs_every_scheduled_span():
+    h = tiny(TRAIN_SEQ_SCHEDULE="64@0.25,128@0.5,256@1.0", WARMUP_STEPS=1)
+    model = tg.GPT(h, BOS, "sdpa")
+    seen = spans_seen(model)
+    tg.compile_warmup(model, h, tg.Dist(0, 1, 0, torch.device("cpu")), 128)
+    assert set(seen) == {(loop, n, grad) for loop in (False, True) for n in (64, 128, 256) for grad in (False, True)}
+    assert model.seq_len == 256 and not model.looping
+    model = tg.GPT(tiny(WARMUP_STEPS=1), BOS, "sdpa")  # no schedule: the spans of today
+    seen = spans_seen(model)
+    tg.compile_warmup(model, tiny(WARMUP_STEPS=1), tg.Dist(0, 1, 0, torch.device("cpu")), 128)
+    assert {n for _, n, _ in seen} == {256} and len(seen) == 2 * (8 // 1 + 1)  # 1 step of 8 slots + eval
+
+
+def test_training_switches_spans_at_their_fractions_and_rewarms_the_lr(monkeypatch):
+    h = tiny(TRAIN_SEQ_SCHEDULE="64@0.25,128@0.5,256@1.0", SEQ_CHANGE_WARMUP_STEPS=4, ITERATIONS=16,
+             TRAIN_BATCH_TOKENS=8 * 256, NUM_LOOPS=0)
+    d, gen = tg.Dist(0, 1, 0, torch.device("cpu")), torch.Generator().manual_seed(0)
+    monkeypatch.setattr(tg, "TrainLoader", lambda *a: type("L", (), {"next_step": lambda self: tg.synthetic_batches(h, d, gen)})())
+    lrs, step = [], tg.Optimizers.step
+    monkeypatch.setattr(tg.Optimizers, "step", lambda self, lr, m: lrs.append(lr) or step(self, lr, m))
+    model = tg.GPT(h, BOS, "sdpa")
+    seen = spans_seen(model)
+    stats = tg.train(model, h, d, types.SimpleNamespace(train_files=[]), None, lambda *a: None)
+    assert stats["steps"] == 16
+    spans = [n for _, n, _ in seen][::8]  # 8 micro-steps per step
+    assert spans == [64] * 5 + [128] * 4 + [256] * 7  # step/16 <= 0.25, <= 0.5, then the rest
+    factor = [lr / tg.lr_multiplier(s / 16, h) for s, lr in enumerate(lrs)]
+    assert factor == pytest.approx([1] * 5 + [0.25, 0.5, 0.75, 1] + [0.25, 0.5, 0.75, 1, 1, 1, 1])
+
+
+def test_eval_context_reaches_beyond_the_train_span():
+    """EVAL_SEQ_LEN 3072 with TRAIN_SEQ_LEN 2048: scoring cuts documents at 3072, so a token 2,100
+    positions back moves the score; at the training span of 2048 it cannot."""
+    h = tiny(TRAIN_SEQ_LEN=2048, EVAL_SEQ_LEN=3072, TTT_EVAL_SEQ_LEN=3072, EVAL_STRIDE=1024, NUM_LAYERS=4,
+             MODEL_DIM=32, NUM_HEADS=2, NUM_KV_HEADS=1, LOOP_START=1, LOOP_END=2, PARALLEL_START_LAYER=3)
+    model = randomized(h).requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(4, 128, (1, 3072), generator=g)
+    idx[0, 0] = BOS
+    pert = idx.clone()
+    pert[0, 3000 - 2100] += 1
+    y = torch.roll(idx, -1, 1)
+    tg.scoring_state(model, h)
+    assert model.seq_len == 3072
+    assert model(pert, y)[0, 3000] != model(idx, y)[0, 3000]
+    model.seq_len = h.train_seq_len
+    assert model(pert, y)[0, 3000] == model(idx, y)[0, 3000]
+    tg.scoring_state(model, h)  # the sliding eval: target 3150 sees the token at 900
+    scores = []
+    for tokens in (torch.cat([idx[0], idx[0, 1:129]]), torch.cat([pert[0], idx[0, 1:129]])):
+        led = tg.ScoreLedger(tokens.numel() - 1, torch.device("cpu"), keep_nll=True)
+        tg.eval_sliding(model, tg.ValData(tokens, torch.ones(tokens.numel() - 1), BOS), h,
+                        tg.Dist(0, 1, 0, torch.device("cpu")), led, lambda *a: None)
+        scores.append(led.nll)
+    assert scores[0][3150] != scores[1][3150] and torch.equal(scores[0][:899], scores[1][:899])  # causal
