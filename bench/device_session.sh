@@ -45,6 +45,6 @@ proxy)
   wait_for /tmp/proxy.done 480; cp /tmp/proxy.out "$OUT/"; cp logs/proxy_*.txt "$OUT/" 2>/dev/null
   tail -12 /tmp/proxy.out
   python tools/ab.py --checkpoint /tmp/art_proxy_base/final_model.pt --variant base: \
-    --variant nolqer:LQER_ENABLED=0 --out "$OUT/ab_lqer.json" 2>&1 | tail -6 ;;
+    --variant nolqer:LQER_ENABLED=0 --json "$OUT/ab_lqer.json" 2>&1 | tail -6 ;;
 *) echo "usage: $0 check|r300 PROXY_ARGS|proxy" >&2; exit 2 ;;
 esac

@@ -408,9 +408,12 @@ def test_training_switches_spans_at_their_fractions_and_rewarms_the_lr(monkeypat
     monkeypatch.setattr(tg.Optimizers, "step", lambda self, lr, m: lrs.append(lr) or step(self, lr, m))
     model = tg.GPT(h, BOS, "sdpa")
     seen = spans_seen(model)
-    stats = tg.train(model, h, d, types.SimpleNamespace(train_files=[]), None, lambda *a: None)
+    tokens = torch.randint(4, 128, (2 * 256 + 1,), generator=gen)
+    tokens[::256] = BOS
+    val = tg.ValData(tokens, torch.ones(2 * 256), BOS)  # train() ends with the raw-weights eval
+    stats = tg.train(model, h, d, types.SimpleNamespace(train_files=[]), val, lambda *a: None)
     assert stats["steps"] == 16
-    spans = [n for _, n, _ in seen][::8]  # 8 micro-steps per step
+    spans = [n for _, n, _ in seen][:16 * 8:8]  # 8 micro-steps per step (then the raw eval)
     assert spans == [64] * 5 + [128] * 4 + [256] * 7  # step/16 <= 0.25, <= 0.5, then the rest
     factor = [lr / tg.lr_multiplier(s / 16, h) for s, lr in enumerate(lrs)]
     assert factor == pytest.approx([1] * 5 + [0.25, 0.5, 0.75, 1] + [0.25, 0.5, 0.75, 1, 1, 1, 1])

@@ -150,10 +150,11 @@ class Bench:
                 f.write(blob)
         if dist.is_initialized():
             dist.barrier()
+        budget = tg.EvalBudget(h.eval_budget_seconds, self.d.device)  # from the load, as in main()
         with ledger.phase("load"):
             model = tg.load_artifact(path, h, self.d, self.spec.bos_id, self.backend)
             model.looping = self.looping
-        out = tg.final_evaluation(model, self.val, h, self.d, log, ledger)
+        out = tg.final_evaluation(model, self.val, h, self.d, log, ledger, budget)
         return dict(variant=name, val_bpb=out["val_bpb"], val_loss=out["val_loss"], scored_by=out["scored_by"],
                     val_bpb_diagnostic=out["val_bpb_diagnostic"], model_bytes=len(blob),
                     mlp_clip_sigmas_used=sigma, legality=out["legality"], eval_time_s=out["eval_time_s"],
