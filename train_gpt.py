@@ -131,9 +131,12 @@ class Hyperparameters:
     ttt_lora_rank: int = 80  # rank of the per-document LoRA adapters
     ttt_lora_alpha: float = 144.0  # adapter outputs are scaled by alpha / rank
     ttt_lora_lr: float = 1e-4  # AdamW on the adapters, one step per chunk
+    ttt_local_lr_mult: float = 1.0  # the adapters' AdamW LR is TTT_LORA_LR times this (PR #1953: 0.75)
+    ttt_lora_targets: str = "q,k,v,o,mlp,head"  # adapters that exist per document (PR #1953: k,o,mlp,head)
     ttt_beta2: float = 0.99  # the adapters' AdamW beta2 (beta1 is fixed, see TTT_BETA1)
     ttt_weight_decay: float = 0.5  # the adapters' AdamW weight decay
     ttt_chunk_size: int = 48  # tokens of each document scored, then trained on, per step
+    ttt_chunk_schedule: str = ""  # LEN:CHUNK,...: chunk by the batch's longest doc (PR #2014: 256:8,2000:24)
     ttt_eval_seq_len: int = 2048  # context window ending at each chunk end; global SGD row length
     ttt_batch_size: int = 64  # documents per batch, one adapter set each
     ttt_warm_start_a: bool = True  # A keeps its trained value across batches of a phase (B restarts at 0)
@@ -165,6 +168,13 @@ class Hyperparameters:
         parse_seq_schedule(self.train_seq_schedule, self.train_seq_len)  # raises on a bad spec
         if self.eval_stride >= self.eval_seq_len or self.ttt_chunk_size > self.ttt_eval_seq_len:
             raise ValueError("need EVAL_STRIDE < EVAL_SEQ_LEN and TTT_CHUNK_SIZE <= TTT_EVAL_SEQ_LEN")
+        if not set(lora_targets(self)) <= set(LORA_TARGETS):
+            raise ValueError(f"TTT_LORA_TARGETS={self.ttt_lora_targets!r}: a comma list of "
+                             f"{','.join(LORA_TARGETS)}, or empty for no adapters")
+        if self.ttt_local_lr_mult < 0:
+            raise ValueError(f"TTT_LOCAL_LR_MULT={self.ttt_local_lr_mult}: must be >= 0 (it scales TTT_LORA_LR)")
+        if any(not 0 < c <= self.ttt_eval_seq_len for _, c in chunk_schedule(self.ttt_chunk_schedule)):
+            raise ValueError(f"TTT_CHUNK_SCHEDULE={self.ttt_chunk_schedule!r}: chunks in 1..TTT_EVAL_SEQ_LEN")
 
     @property
     def head_dim(self) -> int:
@@ -212,6 +222,7 @@ EVAL_FIELDS = (
     "train_batch_tokens",  # the diagnostic eval's window is one training slot
     "val_batch_tokens", "eval_seq_len", "eval_stride", "sliding_enabled", "eval_budget_seconds",
     "ttt_enabled", "ttt_lora_rank", "ttt_lora_alpha", "ttt_lora_lr", "ttt_beta2", "ttt_weight_decay",
+    "ttt_local_lr_mult", "ttt_lora_targets", "ttt_chunk_schedule",
     "ttt_chunk_size", "ttt_eval_seq_len", "ttt_batch_size", "ttt_warm_start_a", "phased_ttt_prefix_docs",
     "phased_ttt_num_phases", "global_ttt_lr", "global_ttt_chunk_tokens", "global_ttt_batch_seqs",
 )
@@ -265,7 +276,12 @@ RENAMED = {name: use for use, names in (
     ("GATE_WINDOW", "GATE_WIDTH SMEAR_GATE_WIDTH"), ("nothing: the data manifest decides", "CASEOPS_ENABLED"),
     ("EVAL_ONLY", "TTT_EVAL_ONLY EVAL_ONLY_PATH"), ("SLIDING_ENABLED", "SLIDING_WINDOW_ENABLED"),
     ("PREQUANT_TTT_EPOCHS", "PREQ_TTT_EPOCHS"), ("PARALLEL_START_LAYER", "PARALLEL_RESIDUAL_START"),
-    ("nothing: Q, K, V, O, MLP and head adapters are always on", "TTT_K_LORA TTT_MLP_LORA TTT_O_LORA"),
+    ("TTT_LORA_TARGETS (a comma list of q,k,v,o,mlp,head)",
+     "TTT_Q_LORA TTT_K_LORA TTT_V_LORA TTT_O_LORA TTT_MLP_LORA"),
+    ("TTT_LORA_TARGETS (no_qv = k,o,mlp,head)", "TTT_MASK"),
+    ("TTT_CHUNK_SCHEDULE (LEN:CHUNK pairs, e.g. 256:8,2000:24)",
+     "TTT_SHORT_SCORE_FIRST_STEPS TTT_SHORT_CHUNK_SIZE TTT_SHORT_DOC_LEN"),
+    ("TTT_CHUNK_SCHEDULE (empty = off)", "TTT_SHORT_SCORE_FIRST_ENABLED"),
     ("nothing: one step per chunk", "TTT_GRAD_STEPS"), ("nothing: AdamW only", "TTT_OPTIMIZER"),
     ("nothing: documents are always kept apart", "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES"),
     ("DATA_PATH and TOKENIZER_PATH (full paths)", "DATA_DIR"),
@@ -979,9 +995,9 @@ class Attention(nn.Module):
     def forward(self, n, seg, cos, sin, backend: str, out_scale, lora=None):
         B, T, _ = n.shape
         q, k, v = self.qkv(n)
-        if lora is not None:
-            q, k, v = (t + lora_delta(n, lora[name], lora["scale"]) for t, name in
-                       ((q, "q"), (k, "k"), (v, "v")))
+        if lora is not None:  # only the adapters that exist (TTT_LORA_TARGETS)
+            q, k, v = (t + lora_delta(n, lora[name], lora["scale"]) if name in lora else t
+                       for t, name in ((q, "q"), (k, "k"), (v, "v")))
         q = rms_norm(q.view(B, T, self.heads, self.hd))
         k = rms_norm(k.view(B, T, self.kv_heads, self.hd))
         v = v.view(B, T, self.kv_heads, self.hd)
@@ -993,7 +1009,9 @@ class Attention(nn.Module):
         vn = F.normalize(v, dim=-1)[:, :, :, None, :]
         y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, self.heads, self.hd)
         out = self.proj(self.gate(y, n).reshape(B, T, -1), out_scale)
-        return out if lora is None else out + out_scale.to(n.dtype) * lora_delta(n, lora["o"], lora["scale"])
+        if lora is None or "o" not in lora:
+            return out
+        return out + out_scale.to(n.dtype) * lora_delta(n, lora["o"], lora["scale"])
 
 
 if triton is not None:
@@ -1153,7 +1171,9 @@ class MLP(nn.Module):
             out = FusedMLP.apply(n.reshape(-1, n.size(-1)), w1, w2, self.slope).view_as(n)
         else:
             out = self.proj(F.leaky_relu(self.fc(n), self.slope).square(), out_scale)
-        return out if lora is None else out + out_scale.to(n.dtype) * lora_delta(n, lora["mlp"], lora["scale"])
+        if lora is None or "mlp" not in lora:
+            return out
+        return out + out_scale.to(n.dtype) * lora_delta(n, lora["mlp"], lora["scale"])
 
 
 class Block(nn.Module):
@@ -1308,7 +1328,7 @@ class GPT(nn.Module):
     def forward(self, idx, targets, lora=None):
         """Per-token NLL [B, T] in nats; callers reduce (mean for training, sums for BPB)."""
         x = self.hidden(idx, lora)
-        delta = None if lora is None else lora_delta(x, lora["head"], lora["scale"])
+        delta = None if lora is None or "head" not in lora else lora_delta(x, lora["head"], lora["scale"])
         softcap = self.logit_caps if self.h.asym_logit_rescale else LOGIT_SOFTCAP
         return self.nll(x, self.tok_emb.weight, targets, softcap, delta)
 
@@ -2231,26 +2251,37 @@ def phase_cuts(queue: list, h: Hyperparameters) -> list:
     return [c for c in cuts if c[0] < len(queue)]  # a pause with nothing left to score is moot
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "mlp", "head")  # the TTT_LORA_TARGETS names
+
+
+def lora_targets(h) -> list:
+    return [t.strip() for t in h.ttt_lora_targets.split(",") if t.strip()]
+
+
 def new_lora(model: GPT, h: Hyperparameters, rows: int, device) -> dict:
-    """Adapters for every virtual layer position (q, k, v, o, mlp) and the LM head, each a pair
-    of fp32 leaves (A [rows, r, in], B [rows, out, r]); all inputs are model_dim wide."""
-    dm, kv, r = h.model_dim, h.num_kv_heads * h.head_dim, h.ttt_lora_rank
+    """Adapters of TTT_LORA_TARGETS for every virtual layer position (q, k, v, o, mlp) and the LM
+    head, each a pair of fp32 leaves (A [rows, r, in], B [rows, out, r]); all inputs are model_dim
+    wide. Targets left out do not exist, so they cost nothing (no zero adapters are computed)."""
+    dm, kv, r, want = h.model_dim, h.num_kv_heads * h.head_dim, h.ttt_lora_rank, lora_targets(h)
     pair = lambda out: tuple(torch.zeros(shape, device=device, requires_grad=True)  # noqa: E731
                              for shape in ((rows, r, dm), (rows, out, r)))
-    layer = lambda: dict(q=pair(dm), k=pair(kv), v=pair(kv), o=pair(dm), mlp=pair(dm))  # noqa: E731
-    n = len(model.layer_order(model.looping))
-    return dict(scale=h.ttt_lora_alpha / r, layers=[layer() for _ in range(n)], head=pair(h.vocab_size))
+    outs = dict(q=dm, k=kv, v=kv, o=dm, mlp=dm)
+    layer = lambda: {k: pair(n) for k, n in outs.items() if k in want}  # noqa: E731
+    lora = dict(scale=h.ttt_lora_alpha / r, layers=[layer() for _ in model.layer_order(model.looping)])
+    return {**lora, "head": pair(h.vocab_size)} if "head" in want else lora
 
 
 def lora_pairs(lora: dict) -> list:
-    return [ab for layer in lora["layers"] for ab in layer.values()] + [lora["head"]]
+    pairs = [ab for layer in lora["layers"] for ab in layer.values()]
+    return pairs + [lora["head"]] if "head" in lora else pairs
 
 
 @torch.no_grad()
 def reset_lora(lora: dict, seed):
     """B <- 0 (no change to the model); A <- U(+-1/sqrt(in)) drawn from `seed`, or kept if None."""
-    gen = None if seed is None else torch.Generator(lora["head"][0].device).manual_seed(seed)
-    for a, b in lora_pairs(lora):
+    pairs = lora_pairs(lora)
+    gen = None if seed is None or not pairs else torch.Generator(pairs[0][0].device).manual_seed(seed)
+    for a, b in pairs:
         b.zero_()
         if gen is not None:
             a.uniform_(-a.size(-1) ** -0.5, a.size(-1) ** -0.5, generator=gen)
@@ -2261,7 +2292,7 @@ def lora_view(lora: dict, dtype) -> dict:
     cast = lambda ab: (ab[0].to(dtype), ab[1].to(dtype))  # noqa: E731
     s = lora["scale"]
     layers = [dict({k: cast(ab) for k, ab in layer.items()}, scale=s) for layer in lora["layers"]]
-    return dict(scale=s, layers=layers, head=cast(lora["head"]))
+    return dict(scale=s, layers=layers, **({"head": cast(lora["head"])} if "head" in lora else {}))
 
 
 def ttt_bucket(n: int, length: int) -> int:
@@ -2271,27 +2302,45 @@ def ttt_bucket(n: int, length: int) -> int:
     return min(b for b in {min(length, max(128, -(-(length >> k) // 128) * 128)) for k in range(4)} if b >= n)
 
 
-def chunk_plan(docs, starts, ends, c: int, h: Hyperparameters) -> dict:
-    """Chunk c of every row: targets [cs, ce), window [ws, ce); `step` = the doc has more chunks."""
+def chunk_schedule(spec: str) -> list:
+    """TTT_CHUNK_SCHEDULE "256:8,2000:24" -> [(256, 8), (2000, 24)], by length."""
+    try:
+        pairs = (item.split(":") for item in spec.split(",") if item.strip())
+        return sorted((int(n), int(c)) for n, c in pairs)
+    except ValueError:
+        raise ValueError(f"TTT_CHUNK_SCHEDULE={spec!r}: use LEN:CHUNK pairs, e.g. 256:8,2000:24") from None
+
+
+def batch_chunk(lens: np.ndarray, h: Hyperparameters) -> int:
+    """Chunk size of a batch (PR #2014): the first TTT_CHUNK_SCHEDULE entry whose LEN covers the
+    batch's longest doc in tokens (BOS to next BOS = targets + 1, as #2014 counts), else
+    TTT_CHUNK_SIZE. One size per batch, as in #2014: batches hold docs of similar length."""
+    longest = int(lens.max()) + 1
+    return next((c for n, c in chunk_schedule(h.ttt_chunk_schedule) if longest <= n), h.ttt_chunk_size)
+
+
+def chunk_plan(docs, starts, ends, c: int, size: int, h: Hyperparameters) -> dict:
+    """Chunk c (of `size` targets) of every row: targets [cs, ce), window [ws, ce); `step` = the
+    doc has more chunks."""
     s = np.where(docs >= 0, starts[np.maximum(docs, 0)], 0)
     e = np.where(docs >= 0, ends[np.maximum(docs, 0)], 0)
-    cs = s + c * h.ttt_chunk_size
+    cs = s + c * size
     live = cs < e
-    ce = np.where(live, np.minimum(cs + h.ttt_chunk_size, e), 0)
+    ce = np.where(live, np.minimum(cs + size, e), 0)
     ws = np.where(live, np.maximum(s, ce - h.ttt_eval_seq_len), 0)
     return dict(doc=docs, s=s, ws=ws, cs=np.where(live, cs, 0), ce=ce, live=live, step=live & (ce < e))
 
 
 def ttt_chunk(model, lora, opt, vd: ValData, p: dict, h, led, score_after_update=False):
     """Score the chunk's targets with the current adapters, THEN one AdamW step on the sum over
-    documents of their mean chunk loss (documents with later chunks only)."""
+    documents of their mean chunk loss (documents with later chunks only; none without adapters)."""
     L = ttt_bucket(int((p["ce"] - p["ws"]).max()), h.ttt_eval_seq_len)
     x, y, idx, scored = window_rows(vd.tokens, p["ws"], p["ce"], p["cs"], h.ttt_batch_size, L)
     nll = model(x, y, lora_view(lora, model.compute_dtype))
     score_rows = np.stack([p["doc"], p["cs"], p["ce"]], 1)[p["live"]]
     if not score_after_update:
         sums = account(led, vd.target_bytes, nll, idx, scored, score_rows)
-    if p["step"].any():
+    if p["step"].any() and opt is not None:
         w = to_device(p["step"].astype(np.float32), nll.device)
         ((nll * scored).sum(1) / scored.sum(1).clamp_min(1) * w).sum().backward()
         opt.step()
@@ -2307,19 +2356,21 @@ def ttt_chunk(model, lora, opt, vd: ValData, p: dict, h, led, score_after_update
 def ttt_batch(model, lora, docs, starts, ends, vd, h, led, score_after_update=False):
     """One batch: fresh optimizer state (B was zeroed by the caller), chunks in order."""
     params = [t for ab in lora_pairs(lora) for t in ab]
-    opt = torch.optim.AdamW(params, lr=h.ttt_lora_lr, betas=(TTT_BETA1, h.ttt_beta2),
-                            eps=1e-10, weight_decay=h.ttt_weight_decay, fused=vd.tokens.is_cuda)
+    lr = h.ttt_lora_lr * h.ttt_local_lr_mult
+    opt = torch.optim.AdamW(params, lr=lr, betas=(TTT_BETA1, h.ttt_beta2), eps=1e-10,
+                            weight_decay=h.ttt_weight_decay, fused=vd.tokens.is_cuda) if params else None
+    size = batch_chunk(ends[docs] - starts[docs], h)
     docs = np.pad(docs, (0, h.ttt_batch_size - docs.size), constant_values=-1)
     sums = torch.zeros(3, dtype=torch.float64, device=vd.tokens.device)
     for c in range(chunks_of(docs, starts, ends, h)):
-        sums += ttt_chunk(model, lora, opt, vd, chunk_plan(docs, starts, ends, c, h), h, led,
+        sums += ttt_chunk(model, lora, opt, vd, chunk_plan(docs, starts, ends, c, size, h), h, led,
                           score_after_update)
     return sums
 
 
 def chunks_of(docs, starts, ends, h) -> int:
-    real = docs[docs >= 0]
-    return -(-int((ends[real] - starts[real]).max()) // h.ttt_chunk_size)
+    lens = ends[docs[docs >= 0]] - starts[docs[docs >= 0]]
+    return -(-int(lens.max()) // batch_chunk(lens, h))
 
 
 class EvalBudget:

@@ -156,6 +156,85 @@ def test_lora_is_one_adapter_per_row_and_zero_b_is_identity():
     assert torch.equal(out[0], base[0]) and not torch.equal(out[1], base[1])
 
 
+@pytest.mark.parametrize("targets", ["k,o,mlp,head", "k,o", "mlp", "q,v", ""])
+def test_lora_targets_build_only_those_adapters_and_start_at_the_base_model(targets):
+    """Adapters left out of TTT_LORA_TARGETS do not exist (nothing zero is computed), and a fresh
+    set (B = 0) scores exactly as the base model."""
+    h = tiny(TTT_LORA_TARGETS=targets)
+    model, val = legality.random_model(h), legality.synthetic_val()
+    lora = tg.new_lora(model, h, 2, CPU.device)
+    tg.reset_lora(lora, 0)
+    want = [t for t in targets.split(",") if t]
+    assert all(set(layer) == set(want) - {"head"} for layer in lora["layers"])
+    assert ("head" in lora) == ("head" in want)
+    assert len(tg.lora_pairs(lora)) == len(lora["layers"]) * len(set(want) - {"head"}) + ("head" in want)
+    x, y = val.tokens[None, :64].repeat(2, 1), val.tokens[None, 1:65].repeat(2, 1)
+    assert torch.equal(model(x, y, tg.lora_view(lora, torch.float32)), model(x, y))
+
+
+def test_ttt_without_adapters_equals_plain_doc_eval():
+    """TTT_LORA_TARGETS="" leaves nothing to train per document: at any LoRA LR the TTT pass is
+    the plain doc-isolated chunked eval (global SGD at LR 0 here)."""
+    over = dict(TRAIN_SEQ_LEN=256, TTT_EVAL_SEQ_LEN=256, TTT_CHUNK_SIZE=32, GLOBAL_TTT_LR=0)
+    h, val = tiny(TTT_LORA_TARGETS="", **over), legality.synthetic_val((300, 40, 90, 12, 130, 60))
+    model = legality.random_model(h)
+    led = tg.ScoreLedger(val.num_targets, CPU.device)
+    score = tg.ttt_eval(model, val, h, CPU, led, quiet)
+    assert score.nll == pytest.approx(plain_doc_eval(model, val, h), rel=1e-6)
+    starts, ends = tg.find_docs(val.tokens, 1)
+    pauses = tg.phase_cuts(tg.ttt_queue(ends - starts, h.ttt_batch_size), h)
+    assert sum(k == "update" for k, _, _ in led.events) == len(pauses)  # no per-chunk steps
+
+
+def test_local_lr_mult_scales_the_lora_lr():
+    val = legality.synthetic_val()
+    score = lambda **o: tg.ttt_eval(legality.random_model(tiny(**o)), val, tiny(**o), CPU,  # noqa: E731
+                                    tg.ScoreLedger(val.num_targets, CPU.device), quiet).nll
+    base = score(TTT_LORA_LR=0.002)
+    assert score(TTT_LORA_LR=0.004, TTT_LOCAL_LR_MULT=0.5) == base
+    assert score(TTT_LORA_LR=0.002, TTT_LOCAL_LR_MULT=0.5) != base
+
+
+def test_chunk_schedule_picks_the_chunk_per_doc_length():
+    h = tiny(TTT_CHUNK_SCHEDULE="2000:24, 256:8", TTT_CHUNK_SIZE=48, TTT_EVAL_SEQ_LEN=64)
+    pick = lambda *targets: tg.batch_chunk(np.array(targets), h)  # noqa: E731
+    assert [pick(255), pick(256), pick(1999), pick(2000), pick(5000)] == [8, 24, 24, 48, 48]
+    assert pick(100, 300) == 24  # the batch's longest doc decides
+    assert tg.batch_chunk(np.array([10]), tiny()) == tiny().ttt_chunk_size  # no schedule (default)
+    # in a run: batches of <= 30, <= 60 and <= 90 targets (lengths 31, 61, 91) score 2, 4, 8 at a time
+    h, val = tiny(TTT_CHUNK_SCHEDULE="31:2,61:4"), legality.synthetic_val()
+    led = tg.ScoreLedger(val.num_targets, CPU.device)
+    tg.ttt_eval(legality.random_model(h), val, h, CPU, led, quiet)
+    starts, ends = tg.find_docs(val.tokens, 1)
+    for doc, n in enumerate(ends - starts):
+        sizes = sorted({int(e - s) for k, _, rows in led.events if k == "score" for d, s, e in rows if d == doc})
+        assert max(sizes) == (2 if n <= 30 else 4 if n <= 60 else 8), (doc, n, sizes)
+    assert tg.check_ledger(led, starts)["C3"] and tg.check_ledger(led, starts)["C4"]
+
+
+@pytest.mark.parametrize("over", [
+    dict(TTT_LORA_TARGETS="k,o,mlp,head"), dict(TTT_LORA_TARGETS="k,o"), dict(TTT_LORA_TARGETS=""),
+    dict(TTT_CHUNK_SCHEDULE="31:2,61:4"), dict(TTT_LOCAL_LR_MULT=0.8),
+    dict(PHASED_TTT_NUM_PHASES=1, PHASED_TTT_PREFIX_DOCS=10, TTT_LORA_LR=8e-5, TTT_LOCAL_LR_MULT=0.8),
+])
+def test_ttt_options_keep_score_before_update_and_each_target_once(over):
+    h, val = tiny(**over), legality.synthetic_val()
+    led = tg.ScoreLedger(val.num_targets, CPU.device)
+    score = tg.ttt_eval(legality.random_model(h), val, h, CPU, led, quiet)
+    checks = tg.check_ledger(led, tg.find_docs(val.tokens, 1)[0])
+    assert checks["C3"] and checks["C4"] and score.tokens == val.num_targets
+
+
+@pytest.mark.parametrize("env,match", [
+    (dict(TTT_LORA_TARGETS="k,qv"), "TTT_LORA_TARGETS"), (dict(TTT_CHUNK_SCHEDULE="256-8"), "TTT_CHUNK_SCHEDULE"),
+    (dict(TTT_CHUNK_SCHEDULE="256:0"), "TTT_CHUNK_SCHEDULE"), (dict(TTT_CHUNK_SCHEDULE="9:999"), "TTT_CHUNK_SCHEDULE"),
+    (dict(TTT_LOCAL_LR_MULT=-0.5), "TTT_LOCAL_LR_MULT"),
+])
+def test_ttt_option_values_are_checked(env, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(**env)
+
+
 # ---- ledger ------------------------------------------------------------------------------------
 
 
@@ -266,7 +345,9 @@ def test_config_fields_and_old_names():
     assert (h.global_ttt_lr, h.global_ttt_chunk_tokens, h.eval_stride, h.prequant_ttt_epochs) == \
         (0.001, 32768, 64, 0)
     for old, new in (("SLIDING_WINDOW_ENABLED", "SLIDING_ENABLED"), ("TTT_EVAL_ONLY", "EVAL_ONLY"),
-                     ("TTT_K_LORA", "always on"), ("PREQUANT_TTT_FREEZE_BLOCKS", "unknown")):
+                     ("TTT_K_LORA", "TTT_LORA_TARGETS"), ("TTT_MASK", "k,o,mlp,head"),
+                     ("TTT_SHORT_SCORE_FIRST_STEPS", "TTT_CHUNK_SCHEDULE"),
+                     ("PREQUANT_TTT_FREEZE_BLOCKS", "unknown")):
         with pytest.raises(ValueError, match=new):
             tg.load_config({old: "1"})
     with pytest.raises(ValueError, match="EVAL_ONLY"):
