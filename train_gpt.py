@@ -118,6 +118,8 @@ class Hyperparameters:
     lqer_rank: int = 4  # rank of each LQER correction
     lqer_top_k: int = 3  # how many tensors (largest quantization error) get one
     lqer_asym_group: int = 64  # int4 group size of the LQER B factor
+    awq_lite_groups: int = 0  # AWQ-lite (PR #1908: 1): this many most salient column groups kept int8
+    awq_lite_group_size: int = 64  # columns per AWQ-lite group
     compressor: str = "brotli"  # brotli (quality 11) | lzma (preset 9)
     fit_to_cap: bool = True  # over the cap: raise MLP_CLIP_SIGMAS (logged, bounded) and requantize
     save_prequant: bool = False  # also write the EMA float weights + config, final_model.pt (tools/ab.py)
@@ -173,6 +175,9 @@ class Hyperparameters:
                              f"{','.join(LORA_TARGETS)}, or empty for no adapters")
         if self.ttt_local_lr_mult < 0:
             raise ValueError(f"TTT_LOCAL_LR_MULT={self.ttt_local_lr_mult}: must be >= 0 (it scales TTT_LORA_LR)")
+        if self.awq_lite_groups < 0 or self.awq_lite_group_size < 1:
+            raise ValueError(f"AWQ_LITE_GROUPS={self.awq_lite_groups}, AWQ_LITE_GROUP_SIZE={self.awq_lite_group_size}:"
+                             " need AWQ_LITE_GROUPS >= 0 (0 = off) and AWQ_LITE_GROUP_SIZE >= 1")
         if any(not 0 < c <= self.ttt_eval_seq_len for _, c in chunk_schedule(self.ttt_chunk_schedule)):
             raise ValueError(f"TTT_CHUNK_SCHEDULE={self.ttt_chunk_schedule!r}: chunks in 1..TTT_EVAL_SEQ_LEN")
 
@@ -235,7 +240,8 @@ RUN_FIELDS = (
     "muon_momentum", "muon_momentum_warmup_start", "muon_momentum_warmup_steps", "muon_wd", "beta2",
     "adam_wd", "embed_wd", "grad_clip_norm", "ema_decay", "gptq_calibration_batches", "matrix_bits",
     "embed_bits", "attn_clip_sigmas", "mlp_clip_sigmas", "embed_clip_sigmas", "matrix_clip_sigmas",
-    "lqer_enabled", "lqer_rank", "lqer_top_k", "lqer_asym_group", "compressor", "fit_to_cap",
+    "lqer_enabled", "lqer_rank", "lqer_top_k", "lqer_asym_group", "awq_lite_groups", "awq_lite_group_size",
+    "compressor", "fit_to_cap",
     "save_prequant", "eval_only", "prequant_ttt_lr",
 )
 
@@ -303,6 +309,8 @@ RENAMED = {name: use for use, names in (
     ("nothing: attention gate weights are always int8 per row", "GATED_ATTN_QUANT_GATE"),
     ("nothing: tensors that are not block matrices go to AdamW", "CONTROL_TENSOR_NAME_PATTERNS"),
     ("nothing: MuonEq-R row normalization is always on", "MUON_ROW_NORMALIZE"),
+    ("AWQ_LITE_GROUPS (0 = off; PR #1908: 1)", "AWQ_LITE_ENABLED AWQ_LITE_GROUP_TOP_K"),
+    ("nothing: AWQ-lite groups are int8", "AWQ_LITE_BITS"),
     ("nothing: LQER is always asymmetric (A int2, B int4 in LQER_ASYM_GROUP groups)",
      "LQER_ASYM_ENABLED LQER_FACTOR_BITS"),
     ("nothing: GPTQ always runs", "GPTQ_ENABLED"), ("EMA_DECAY (EMA is always on)", "EMA_ENABLED"),
@@ -330,7 +338,7 @@ OUR_PREFIXES = (
     "TTT_", "GPTQ_", "LQER_", "MUON_", "PHASED_", "GLOBAL_TTT_", "SMEAR_", "ATTN_", "EMBED_",
     "TIED_", "LOOP_", "PARALLEL_", "QK_", "ROPE_", "EVAL_", "VAL_", "TRAIN_", "MLP_", "GATED_",
     "SPARSE_", "EMA_", "WARMDOWN_", "MATRIX_", "SCALAR_", "ADAM_", "NUM_LAYERS", "NUM_LOOPS",
-    "SLIDING_", "PREQUANT_",
+    "SLIDING_", "PREQUANT_", "AWQ_", "NGRAM_",
 )
 
 
@@ -1597,30 +1605,38 @@ def gptq_inverse_factor(H: torch.Tensor, damp: float):
     return torch.linalg.cholesky(Hinv, upper=True).float(), perm, dead
 
 
-def gptq_columns(Wt: torch.Tensor, U: torch.Tensor, s: torch.Tensor, R: int, block: int):
-    """The GPTQ sweep on the transposed, permuted weight Wt (cols x rows), updated in place.
-    Each column is rounded, and its error, divided by U[j, j], is pushed onto the later columns
-    of the block at once and onto the rest of the matrix at the block's end (one matmul)."""
+def gptq_columns(Wt: torch.Tensor, U: torch.Tensor, S: torch.Tensor, R: list, block: int):
+    """The GPTQ sweep on the transposed, permuted weight Wt (cols x rows), updated in place, with
+    column j's per-row scales S[j] and clip range R[j]. Each column is rounded, and its error,
+    divided by U[j, j], is pushed onto the later columns of the block at once and onto the rest
+    of the matrix at the block's end (one matmul)."""
     Q = torch.empty_like(Wt)
     for i1 in range(0, Wt.shape[0], block):
         i2 = min(i1 + block, Wt.shape[0])
         Ub, err = U[i1:i2, i1:i2], torch.empty_like(Wt[i1:i2])
         for j in range(i2 - i1):
-            w = Wt[i1 + j]
-            q = torch.clamp(torch.round(w / s), -R, R, out=Q[i1 + j])
+            w, s, r = Wt[i1 + j], S[i1 + j], R[i1 + j]
+            q = torch.clamp(torch.round(w / s), -r, r, out=Q[i1 + j])
             torch.div(w - q * s, Ub[j, j], out=err[j])
             Wt[i1 + j + 1 : i2].addr_(Ub[j, j + 1 :], err[j], alpha=-1.0)
         Wt[i2:].addmm_(U[i1:i2, i2:].T, err, alpha=-1.0)
     return Q
 
 
-def gptq_quantize(W, H, bits, clip_sigmas, block_size=128, damp=0.01):
+def gptq_quantize(W, H, bits, clip_sigmas, block_size=128, damp=0.01, keep=None):
     """GPTQ with the SDClip per-row scale (spec 5.3). W (rows x cols), H (cols x cols) = E[X^T X].
-    Returns int8 q of W's shape and the fp16 per-row scale; W ~ q * s[:, None]."""
+    Returns int8 q of W's shape and the fp16 per-row scale; W ~ q * s[:, None]. Columns of the
+    bool mask `keep` (AWQ-lite) are solved at int8 with the scale sdclip_scale(W, 8, k) instead,
+    so the error of every other column is compensated for their finer rounding."""
     s = sdclip_scale(W, bits, clip_sigmas)  # from the original W, as in the reference
     U, perm, dead = gptq_inverse_factor(H.to(W.device), damp)
     Wt = W.float().masked_fill(dead, 0.0)[:, perm].T.contiguous()
-    Q = gptq_columns(Wt, U, s.float(), clip_range(bits), block_size)
+    S, R = s.float().expand(W.shape[1], -1), [clip_range(bits)] * W.shape[1]
+    if keep is not None:
+        kp = keep.to(W.device)[perm]
+        S = torch.where(kp[:, None], sdclip_scale(W, 8, clip_sigmas).float(), S)
+        R = torch.where(kp.cpu(), clip_range(8), clip_range(bits)).tolist()
+    Q = gptq_columns(Wt, U, S, R, block_size)
     q = torch.empty_like(W, dtype=torch.int8)
     q[:, perm] = Q.T.to(torch.int8)
     return q, s
@@ -1675,7 +1691,7 @@ def class_bits_sigma(cls: str, h) -> tuple:
     }[cls]
 
 
-def gptq_damped(W: torch.Tensor, H: torch.Tensor, bits: int, sigma: float) -> tuple:
+def gptq_damped(W: torch.Tensor, H: torch.Tensor, bits: int, sigma: float, keep=None) -> tuple:
     """GPTQ, retried with 10x the damping while the Cholesky fails: Hessians accumulated in
     fp32 from heavy-tailed activations can be slightly indefinite (seen on an mlp.proj Hessian).
     Returns ((q, s), damp), or (None, None) when the Hessian is unusable."""
@@ -1684,26 +1700,69 @@ def gptq_damped(W: torch.Tensor, H: torch.Tensor, bits: int, sigma: float) -> tu
     for k in range(GPTQ_DAMP_TRIES):
         damp = GPTQ_DAMP * 10**k
         try:
-            return gptq_quantize(W, H, bits, sigma, GPTQ_BLOCK_SIZE, damp), damp
+            return gptq_quantize(W, H, bits, sigma, GPTQ_BLOCK_SIZE, damp, keep), damp
         except torch.linalg.LinAlgError:
             continue
     return None, None
 
 
-def quantize_matrix(W: torch.Tensor, H, cls: str, h) -> tuple:
-    """GPTQ one matrix on its Hessian's device; round to nearest when there is no usable Hessian."""
+def quantize_matrix(W: torch.Tensor, H, cls: str, h, awq=()) -> tuple:
+    """GPTQ one matrix on its Hessian's device; round to nearest when there is no usable Hessian.
+    AWQ-lite groups (first columns `awq`) are stored in q as int8 codes with their own per-row
+    fp16 scale awq_s: the same clip edge k * std(row), a step of 127 instead of 2^(bits-1) - 1."""
     bits, sigma = class_bits_sigma(cls, h)
-    qs, damp = (None, None) if H is None else gptq_damped(W.to(H.device), H, bits, sigma)
+    Wd = W if H is None else W.to(H.device)
+    keep = awq_mask(W.shape[1], awq, h.awq_lite_group_size) if awq else None
+    qs, damp = (None, None) if H is None else gptq_damped(Wd, H, bits, sigma, keep)
     if qs is None:
         q, s = rtn_quantize(W, bits, sigma)
         label = f"rtn (int{bits}, {'no hessian' if H is None else 'hessian unusable'})"
     else:
         q, s = qs
         label = f"gptq (int{bits}" + (f", damp {damp:g})" if damp != GPTQ_DAMP else ")")
-    return {"kind": "rows", "bits": bits, "q": q.cpu(), "s": s.cpu()}, label
+    e = {"kind": "rows", "bits": bits, "q": q.cpu(), "s": s.cpu()}
+    if qs is not None and awq:
+        e.update(awq_cols=list(awq), awq_group=h.awq_lite_group_size,
+                 awq_s=sdclip_scale(Wd, 8, sigma).cpu())
+        label += "+awq_int8"
+    return e, label
 
 
-def quantize_tensor(name: str, t: torch.Tensor, hessians: dict, h) -> tuple:
+def awq_mask(cols: int, starts, group: int) -> torch.Tensor:
+    keep = torch.zeros(cols, dtype=torch.bool)
+    for a in starts:
+        keep[a:a + group] = True
+    return keep
+
+
+def calib_passes(name: str, h) -> int:
+    """Forward calls per calibration row of the block that `name` belongs to (collect_hessians runs
+    the loop whenever NUM_LOOPS > 0, and a looped layer's H sums every pass)."""
+    i = layer_index(name)
+    return h.num_loops + 1 if h.num_loops > 0 and h.loop_start <= i <= h.loop_end else 1
+
+
+def awq_groups(sd: dict, hessians: dict, h) -> dict:
+    """AWQ-lite (PR #1908): the AWQ_LITE_GROUPS column groups of highest saliency over all GPTQ'd
+    matrices below int8 (one ranking across tensors, as #1908's AWQ_LITE_GROUP_TOP_K). A column's
+    saliency is its input RMS per call, sqrt(diag H / passes), times its mean |W| (as #1908); a
+    group's is the sum over its AWQ_LITE_GROUP_SIZE columns. Returns {name: [first columns]}."""
+    g, cands = h.awq_lite_group_size, []
+    for name, t in sd.items():
+        cls, H = tensor_class(name, t), hessians.get(name)
+        if cls not in MATRIX_CLASSES or H is None or class_bits_sigma(cls, h)[0] >= 8:
+            continue
+        rms = (H.diagonal().float() / calib_passes(name, h)).clamp_min(0).sqrt().cpu()
+        sal = rms * t.detach().float().abs().mean(0).cpu()
+        sums = sal[: sal.numel() // g * g].view(-1, g).sum(1).tolist()
+        cands += [(-v, name, i * g) for i, v in enumerate(sums)]
+    picked = {}
+    for _, name, start in sorted(cands)[: h.awq_lite_groups]:
+        picked.setdefault(name, []).append(start)
+    return picked
+
+
+def quantize_tensor(name: str, t: torch.Tensor, hessians: dict, h, awq=()) -> tuple:
     cls = tensor_class(name, t)
     t = t.detach()
     if cls == "gate":  # tiny, and the gate's sign pattern matters: plain int8 rows
@@ -1713,7 +1772,7 @@ def quantize_tensor(name: str, t: torch.Tensor, hessians: dict, h) -> tuple:
         return {"kind": "fp16", "t": t.to(torch.float16).cpu()}, "passthrough (fp16)"
     if cls == "raw":
         return {"kind": "raw", "t": t.cpu().clone()}, f"raw ({str(t.dtype).removeprefix('torch.')})"
-    return quantize_matrix(t, hessians.get(name), cls, h)
+    return quantize_matrix(t, hessians.get(name), cls, h, awq)
 
 
 def dequantize_entry(e: dict) -> torch.Tensor:
@@ -1722,6 +1781,9 @@ def dequantize_entry(e: dict) -> torch.Tensor:
     if e["kind"] == "raw":
         return e["t"].clone()
     w = dequantize_groups(e["q"], e["s"])
+    if "awq_s" in e:  # AWQ-lite columns: int8 codes with their own per-row scale
+        keep = awq_mask(w.shape[1], e["awq_cols"], e["awq_group"])
+        w[:, keep] = e["q"][:, keep].float() * e["awq_s"].float()[:, None]
     return w + lqer_reconstruct(e) if "lqer_qa" in e else w
 
 
@@ -1752,8 +1814,9 @@ def quantize_state_dict(sd: dict, hessians: dict, h, log=print) -> tuple:
     reads; stats has per-category counts, the squared error before/after LQER, and the time."""
     t0 = time.perf_counter()
     qstate, labels = {}, {}
+    awq = awq_groups(sd, hessians, h) if h.awq_lite_groups else {}
     for name, t in sd.items():
-        qstate[name], labels[name] = quantize_tensor(name, t, hessians, h)
+        qstate[name], labels[name] = quantize_tensor(name, t, hessians, h, awq.get(name, ()))
     mats = [n for n, t in sd.items() if tensor_class(n, t) in MATRIX_CLASSES]
     errs = matrix_errors(sd, qstate, mats)
     lqer = apply_lqer(sd, qstate, errs, h) if h.lqer_enabled else []
@@ -1793,7 +1856,7 @@ def layer_index(name: str) -> int:
     return next((int(p) for p in name.split(".") if p.isdigit()), -1)
 
 
-PAYLOAD_FIELDS = ("q", "s", "lqer_qa", "lqer_qb", "lqer_sa", "lqer_sb", "t")
+PAYLOAD_FIELDS = ("q", "s", "lqer_qa", "lqer_qb", "lqer_sa", "lqer_sb", "awq_s", "t")
 
 
 def payload_order(qstate: dict) -> list:
@@ -2859,7 +2922,9 @@ def quantize_fit(sd: dict, hess: dict, h, budget: int, log, ledger, meta: dict |
     """GPTQ + serialize. While the blob exceeds `budget` bytes (and FIT_TO_CAP), raise the MLP clip
     sigma by the size rule H ~ bits - log2(k) (spec 5.3): MLP codes shrink by n/8 * log2(k'/k)
     bytes. The record tuned k by hand to land just under the cap; this does it per run, at most
-    FIT_TRIES times and up to FIT_MAX_SIGMA_RATIO x the configured k, and logs why it stopped."""
+    FIT_TRIES times and up to FIT_MAX_SIGMA_RATIO x the configured k, and logs why it stopped.
+    AWQ-lite's extra bytes are in the measured blob, and its int8 MLP columns (step k std / 127)
+    shrink by the same log2(k'/k) bits as the rest, so n counts every MLP weight."""
     n_mlp = sum(t.numel() for n, t in sd.items() if tensor_class(n, t) == "mlp")
     k_max = FIT_MAX_SIGMA_RATIO * h.mlp_clip_sigmas
     for attempt in range(FIT_TRIES + 1):

@@ -13,16 +13,17 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from train_gpt import (  # noqa: E402
-    FP16_TINY, clip_range, dequantize_groups, dequantize_state_dict, deserialize, gptq_quantize,
-    Ledger, lqer_factors, lqer_reconstruct, quantize_fit, quantize_groups, quantize_state_dict,
-    rtn_quantize, sdclip_scale, serialize,
+    FP16_TINY, awq_groups, clip_range, dequantize_entry, dequantize_groups, dequantize_state_dict,
+    deserialize, gptq_quantize, Ledger, lqer_factors, lqer_reconstruct, quantize_fit, quantize_groups,
+    quantize_state_dict, rtn_quantize, sdclip_scale, serialize,
 )
 
 
 def config(**kw):
     base = dict(matrix_bits=6, embed_bits=7, attn_clip_sigmas=13.0, mlp_clip_sigmas=11.5,
                 embed_clip_sigmas=14.0, matrix_clip_sigmas=12.85, lqer_enabled=True, lqer_rank=4,
-                lqer_top_k=3, lqer_asym_group=64, compressor="brotli")
+                lqer_top_k=3, lqer_asym_group=64, compressor="brotli", awq_lite_groups=0,
+                awq_lite_group_size=64, num_loops=0, loop_start=3, loop_end=5)
     return types.SimpleNamespace(**{**base, **kw})
 
 
@@ -357,6 +358,95 @@ def test_deserialize_rejects_bad_headers(quantized):
         deserialize(blob[:6] + bytes([blob[6] ^ 1]) + blob[7:])
     with pytest.raises(ValueError, match="COMPRESSOR"):
         serialize(qstate, config(compressor="zstd"))
+
+
+# ---- AWQ-lite (PR #1908) -----------------------------------------------------------------------
+
+
+def salient_case(rows=96, cols=256, group=(128, 192)):
+    """An MLP matrix whose inputs in one 64-column group have 8x the RMS of the rest."""
+    X = correlated_inputs(4096, cols, seed=3)
+    X[:, group[0]:group[1]] *= 8.0
+    return {"blocks.0.mlp.fc.weight": trained_like(rows, cols, seed=4)}, hessian(X)
+
+
+def hessian_error(W, What, H):
+    E = (W - What).double()
+    return torch.einsum("ri,ij,rj->", E, H.double(), E).item()
+
+
+def test_awq_lite_keeps_the_salient_group_at_int8_and_lowers_the_hessian_error():
+    sd, H = salient_case()
+    name, W = next(iter(sd.items()))
+    assert awq_groups(sd, {name: H}, config(awq_lite_groups=1)) == {name: [128]}
+    lines = []
+    plain, _ = quantize_state_dict(sd, {name: H}, config(lqer_enabled=False), log=lines.append)
+    awq, _ = quantize_state_dict(sd, {name: H}, config(lqer_enabled=False, awq_lite_groups=1),
+                                 log=lines.append)
+    e = awq[name]
+    assert e["awq_cols"] == [128] and e["awq_group"] == 64 and lines[-1] == f"gptq (int6)+awq_int8: {name}"
+    assert torch.equal(e["awq_s"], sdclip_scale(W, 8, 11.5)) and e["awq_s"].dtype == torch.float16
+    rest = torch.cat([e["q"][:, :128], e["q"][:, 192:]], 1)
+    assert int(e["q"][:, 128:192].abs().max()) > 31 >= int(rest.abs().max())
+    before, after = (hessian_error(W, dequantize_entry(x[name]), H) for x in (plain, awq))
+    assert after < 0.7 * before
+
+
+def test_awq_lite_ranks_looped_layers_by_their_per_call_input():
+    """A looped layer's Hessian sums its NUM_LOOPS + 1 passes (#1908 averages per call). Layer
+    0's best group has diag(H) 5 per call; looped layer 4's has 3 per call, 9 summed over its 3
+    passes. Per call layer 0 wins; reading the sum as one pass would pick layer 4."""
+    W = trained_like(64, 128, seed=5)
+    sd = {"blocks.0.mlp.fc.weight": W, "blocks.4.mlp.fc.weight": W.clone()}
+    d0, d4 = torch.ones(128), torch.ones(128)
+    d0[:64], d4[64:] = 5.0, 3.0
+    hess = {"blocks.0.mlp.fc.weight": torch.diag(d0), "blocks.4.mlp.fc.weight": torch.diag(3 * d4)}
+    loop = dict(awq_lite_groups=1, loop_start=3, loop_end=5)
+    assert awq_groups(sd, hess, config(num_loops=2, **loop)) == {"blocks.0.mlp.fc.weight": [0]}
+    # the same sums read as one pass per row (no loop): layer 4's summed H (RMS 3) wins instead
+    assert awq_groups(sd, hess, config(num_loops=0, **loop)) == {"blocks.4.mlp.fc.weight": [64]}
+
+
+def test_awq_lite_is_off_by_default_and_round_trips_the_container():
+    sd = toy_state_dict()
+    hess = toy_hessians(sd)
+    off, _ = quantize_state_dict(sd, hess, config(), log=lambda *a: None)
+    assert not any("awq_s" in e for e in off.values())
+    qstate, stats = quantize_state_dict(sd, hess, config(awq_lite_groups=3), log=lambda *a: None)
+    picked = [n for n, e in qstate.items() if "awq_s" in e]
+    assert 1 <= len(picked) <= 3 and sum(len(qstate[n]["awq_cols"]) for n in picked) == 3
+    blob = serialize(qstate, config())
+    back = deserialize(blob)
+    assert_same_qstate(qstate, back)
+    deq, again = dequantize_state_dict(qstate), dequantize_state_dict(back)
+    assert all(torch.equal(deq[n], again[n]) for n in deq)
+    assert len(blob) > len(serialize(off, config()))  # the int8 groups cost bytes...
+    assert stats["err_sq_gptq"] < quantize_state_dict(sd, hess, config(), log=print)[1]["err_sq_gptq"]
+
+
+def test_fit_to_cap_absorbs_the_awq_lite_bytes():
+    """With AWQ-lite on and the budget at the size of the blob without it, FIT_TO_CAP raises the
+    MLP sigma until the AWQ-lite blob fits (its extra bytes are part of the measured blob)."""
+    sd = toy_state_dict(d=128)
+    hess, quiet, ledger = toy_hessians(sd), (lambda *a: None), Ledger(torch.device("cpu"))
+    budget = len(quantize_fit(sd, hess, config(fit_to_cap=True), 10**9, quiet, ledger)[0])
+    h = config(fit_to_cap=True, awq_lite_groups=6)
+    assert len(quantize_fit(sd, hess, h, 10**9, quiet, ledger)[0]) > budget
+    blob, k = quantize_fit(sd, hess, h, budget, quiet, ledger)
+    assert len(blob) <= budget and k > 11.5
+    assert any("awq_s" in e for e in deserialize(blob).values())
+
+
+def test_lqer_field_settings_rank2_group32_top4():
+    """PR #2060's LQER_RANK=2, LQER_ASYM_GROUP=32, LQER_TOP_K=4: asymmetric groups of 32."""
+    sd = toy_state_dict()
+    h = config(lqer_rank=2, lqer_asym_group=32, lqer_top_k=4)
+    qstate, stats = quantize_state_dict(sd, toy_hessians(sd), h, log=lambda *a: None)
+    assert len(stats["lqer"]) == 4 and stats["err_sq_final"] < stats["err_sq_gptq"]
+    for n in stats["lqer"]:
+        e = qstate[n]
+        assert e["lqer_qa"].shape[1] == 2 and e["lqer_sb"].numel() == e["lqer_qb"].numel() // 32
+    assert_same_qstate(qstate, deserialize(serialize(qstate, h)))
 
 
 def test_realistic_gptq_timing_cpu():
