@@ -149,6 +149,9 @@ class Hyperparameters:
     global_ttt_batch_seqs: int = 32  # rows per micro-batch, all ranks together
     prequant_ttt_epochs: int = 0  # ILLEGAL (C3) research mode: AdamW on val before quantization
     prequant_ttt_lr: float = 5e-4  # its peak LR, cosine over epochs (PR #1738 default)
+    ngram_boost: float = 0.0  # token n-gram tilt of sliding/TTT scores (PR #2140: 2.625); 0 = off
+    ngram_order: int = 16  # the tilt's context: the previous NGRAM_ORDER - 1 tokens of the document
+    ngram_threshold: float = 0.8  # hint when the context's top next token has this share of its uses
     env_overrides: ClassVar[dict] = {}  # set by load_config: {ENV_NAME: raw} of the declared names set
 
     def __post_init__(self):
@@ -175,6 +178,9 @@ class Hyperparameters:
                              f"{','.join(LORA_TARGETS)}, or empty for no adapters")
         if self.ttt_local_lr_mult < 0:
             raise ValueError(f"TTT_LOCAL_LR_MULT={self.ttt_local_lr_mult}: must be >= 0 (it scales TTT_LORA_LR)")
+        if self.ngram_boost < 0 or self.ngram_order < 2 or not 0 < self.ngram_threshold <= 1:
+            raise ValueError(f"NGRAM_BOOST={self.ngram_boost}, NGRAM_ORDER={self.ngram_order}, NGRAM_THRESHOLD="
+                             f"{self.ngram_threshold}: need BOOST >= 0 (0 = off), ORDER >= 2, 0 < THRESHOLD <= 1")
         if self.awq_lite_groups < 0 or self.awq_lite_group_size < 1:
             raise ValueError(f"AWQ_LITE_GROUPS={self.awq_lite_groups}, AWQ_LITE_GROUP_SIZE={self.awq_lite_group_size}:"
                              " need AWQ_LITE_GROUPS >= 0 (0 = off) and AWQ_LITE_GROUP_SIZE >= 1")
@@ -230,6 +236,7 @@ EVAL_FIELDS = (
     "ttt_local_lr_mult", "ttt_lora_targets", "ttt_chunk_schedule",
     "ttt_chunk_size", "ttt_eval_seq_len", "ttt_batch_size", "ttt_warm_start_a", "phased_ttt_prefix_docs",
     "phased_ttt_num_phases", "global_ttt_lr", "global_ttt_chunk_tokens", "global_ttt_batch_seqs",
+    "ngram_boost", "ngram_order", "ngram_threshold",
 )
 RUN_FIELDS = (
     "train_seq_schedule", "seq_change_warmup_steps",
@@ -322,8 +329,11 @@ RENAMED = {name: use for use, names in (
     ("nothing: no LR warmup in the global SGD", "GLOBAL_TTT_WARMUP_CHUNKS GLOBAL_TTT_WARMUP_START_LR"),
     ("EVAL_ONLY with the artifact of a SAVE_PREQUANT=1 run", "PREQUANT_ONLY"),
     ("nothing: not supported here", "BIGRAM_VOCAB_SIZE BIGRAM_DIM VE_ENABLED VE_DIM VE_LAYERS "
-     "MTP_NUM_HEADS MTP_LOSS_WEIGHT MUON_BETA2 DTG_ENABLED VALUE_RESIDUAL TTT_OUTPUT_DIR "
-     "TOKEN_ORDER TOKEN_THRESHOLD TOKEN_BOOST"),
+     "MTP_NUM_HEADS MTP_LOSS_WEIGHT MUON_BETA2 DTG_ENABLED VALUE_RESIDUAL TTT_OUTPUT_DIR"),
+    ("NGRAM_BOOST (0 = off; PR #2140: 2.625)", "NGRAM_TILT_ENABLED TOKEN_BOOST"),
+    ("NGRAM_ORDER", "TOKEN_ORDER"), ("NGRAM_THRESHOLD", "TOKEN_THRESHOLD"),
+    ("nothing: only the token channel (#1967: the others read the scored token, C1)",
+     "WITHIN_TAU WITHIN_BOOST WORD_ORDER WORD_NORMALIZE WORD_TAU WORD_BOOST"),
     ("nothing: run `python data/prepare.py disjoint DATA_PATH` (data/prepare.py and data/download.py "
      "check it when they build the data)", "CHECK_DISJOINT"),
     (fixed(ROPE_BASE), "ROPE_BASE"), (fixed(LOGIT_SOFTCAP), "LOGIT_SOFTCAP"),
@@ -1246,18 +1256,33 @@ def softcap_logits(z: torch.Tensor, softcap) -> torch.Tensor:
     return c * torch.tanh(z / c)
 
 
-def softcap_nll(hidden, weight, targets, softcap, head_delta=None):
+def softcap_nll(hidden, weight, targets, softcap, head_delta=None, hint=None, boost: float = 0.0):
     """Per-token NLL (fp32) of the full softmax over softcapped tied-embedding logits. softcap: a
-    float, or the AsymLogit caps tensor (positive, negative)."""
+    float, or the AsymLogit caps tensor (positive, negative). Where hint >= 0 the distribution is
+    tilted toward the hinted token (ngram_tilt; scoring only)."""
     logits = F.linear(hidden, weight.to(hidden.dtype))
     if head_delta is not None:
         logits = logits + head_delta
     if use_fused_kernels(logits):
         caps = softcap if isinstance(softcap, torch.Tensor) else None
         fixed = 0.0 if caps is not None else float(softcap)
-        return SoftcapCE.apply(logits.flatten(0, 1), targets.flatten(), fixed, caps).view_as(targets)
-    logits = softcap_logits(logits.float(), softcap)
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+        nll = SoftcapCE.apply(logits.flatten(0, 1), targets.flatten(), fixed, caps).view_as(targets)
+    else:
+        z = softcap_logits(logits.float(), softcap)
+        nll = F.cross_entropy(z.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+    return nll if hint is None else ngram_tilt(nll, logits, targets, hint, softcap, boost)
+
+
+def ngram_tilt(nll, logits, targets, hint, softcap, boost: float):
+    """Token n-gram tilt (PR #2140/#2135): the hinted token's logit + boost, then the full softmax
+    renormalizes: p'(a) = p(a) e^(boost [a = hint]) / (1 + p(hint) (e^boost - 1)), so -log p'(y) =
+    nll - boost [y = hint] + log1p(p(hint) (e^boost - 1)), from two gathered logits (log p(hint)
+    = z_hint - lse, lse = nll + z_y). The tilt term is detached: TTT steps train on the model's NLL."""
+    ids = torch.stack([targets, hint.clamp_min(0)], -1)
+    z = softcap_logits(logits.gather(-1, ids).float(), softcap)
+    log_p_hint = z[..., 1] - z[..., 0] - nll.detach()
+    tilt = torch.log1p(math.expm1(boost) * log_p_hint.exp()) - boost * (targets == hint)
+    return nll + torch.where(hint >= 0, tilt, 0.0).detach()
 
 
 class GPT(nn.Module):
@@ -1333,12 +1358,13 @@ class GPT(nn.Module):
                 skips.append(x)
         return self.final_norm(x, x if lane1 is None else lane1)
 
-    def forward(self, idx, targets, lora=None):
-        """Per-token NLL [B, T] in nats; callers reduce (mean for training, sums for BPB)."""
+    def forward(self, idx, targets, lora=None, tilt=None):
+        """Per-token NLL [B, T] in nats; callers reduce (mean for training, sums for BPB). `tilt`
+        (hint [B, T] with -1 = none, boost): the n-gram tilt of scoring calls (ngram_tilt)."""
         x = self.hidden(idx, lora)
         delta = None if lora is None or "head" not in lora else lora_delta(x, lora["head"], lora["scale"])
         softcap = self.logit_caps if self.h.asym_logit_rescale else LOGIT_SOFTCAP
-        return self.nll(x, self.tok_emb.weight, targets, softcap, delta)
+        return self.nll(x, self.tok_emb.weight, targets, softcap, delta, *(tilt or (None, 0.0)))
 
 
 def compile_model(model: GPT) -> None:
@@ -2265,6 +2291,61 @@ def account(led: ScoreLedger, tbytes, nll, idx, scored, rows) -> torch.Tensor:
     return torch.stack([(nll.double() * m).sum(), (tbytes[idx].double() * m).sum(), m.sum()])
 
 
+# Token-only online n-gram tilt (PR #2140/#2135; the channel accepted in the #1967 review): one
+# hinted token per target, from the same document's earlier tokens only, boosts the full
+# softmax (ngram_tilt in the head). Documents never share state, so the scores stay causal in
+# any scoring order, and documents stay isolated (tools/legality.py checks both).
+
+
+def ngram_hints(val: ValData, starts: np.ndarray, h) -> torch.Tensor:
+    """Hint of every target (-1 = none): after the earlier occurrences, in its document, of its
+    context tokens[i-L+1..i] (L = NGRAM_ORDER - 1), the most frequent next token (ties: the first
+    to reach the top count), if it followed >= NGRAM_THRESHOLD of them (PR #2135's token rule).
+    Vectorized: L passes of a rolling int64 hash, then two stable sorts (by context, by context
+    and next token) and cummax scans. Memory ~12 int64 arrays of the target count (~4.6 GB for
+    47.8M targets); runs once per eval, inside the eval timer."""
+    t, n, L, dev = val.tokens.long(), val.num_targets, h.ngram_order - 1, val.tokens.device
+    hints = torch.full((n,), -1, dtype=torch.long, device=dev)
+    pos, st = torch.arange(n, device=dev), torch.from_numpy(starts).to(dev)
+    doc = torch.bucketize(pos, st, right=True) - 1
+    key = doc.clone()  # the document is part of the context: documents never share counts
+    for m in range(L):
+        key = key * 1099511628211 + t[(pos - m).clamp_min(0)]  # wraps mod 2^64
+    sel = pos[pos - (L - 1) >= st[doc]]  # the whole context lies in the document
+    if sel.numel() == 0:
+        return hints
+    order = torch.argsort(key[sel], stable=True)
+    p, g = sel[order], key[sel][order]
+    nxt, i = t[p + 1], torch.arange(p.numel(), device=dev)
+    first = torch.cat([torch.ones(1, dtype=torch.bool, device=dev), g[1:] != g[:-1]])
+    grp, seen = first.cumsum(0), i - torch.cummax(torch.where(first, i, 0), 0).values
+    pair = grp * h.vocab_size + nxt  # count of (context, next) so far, in stream order
+    o2 = torch.argsort(pair, stable=True)
+    f2 = torch.cat([torch.ones(1, dtype=torch.bool, device=dev), pair[o2][1:] != pair[o2][:-1]])
+    count = torch.empty_like(p)
+    count[o2] = i - torch.cummax(torch.where(f2, i, 0), 0).values + 1
+    top = torch.cummax(grp * (n + 1) + count, 0).values - grp * (n + 1)  # after each element
+    prev_top = torch.where(first, 0, top.roll(1))
+    lead = torch.cummax(torch.where(count > prev_top, i, 0), 0).values  # holder of the top count
+    gate = ~first & (prev_top.float() / seen.clamp_min(1).float() >= h.ngram_threshold)
+    hints[p[gate]] = nxt[lead.roll(1)[gate]]
+    return hints
+
+
+def tilt_hints(vd: ValData, h, log):
+    """(the stream's hints, NGRAM_BOOST) when NGRAM_BOOST > 0, else None (no tilt)."""
+    if not h.ngram_boost:
+        return None
+    hints = ngram_hints(vd, find_docs(vd.tokens, vd.bos_id)[0], h)
+    log(f"ngram_tilt: {int((hints >= 0).sum())} of {vd.num_targets} targets hinted, boost {h.ngram_boost:g}")
+    return hints, h.ngram_boost
+
+
+def tilt_rows(tilt, idx):
+    """The tilt of the rows whose targets are `idx` (GPT.forward's `tilt`)."""
+    return None if tilt is None else (tilt[0][idx], tilt[1])
+
+
 # Sliding windows (spec 6.2): every target once, each after at least L - stride tokens of its
 # document (the forward keeps documents apart, so windows need not align with them).
 
@@ -2282,12 +2363,12 @@ def eval_sliding(model: GPT, val: ValData, h: Hyperparameters, d: Dist, led: Sco
     L, rows = h.eval_seq_len, max(1, h.val_batch_tokens // 8 // h.eval_seq_len)
     ends, firsts = sliding_windows(val.num_targets, L, h.eval_stride)
     vd = on_device(val, d.device)
-    acc = torch.zeros(3, dtype=torch.float64, device=d.device)
+    acc, tilt = torch.zeros(3, dtype=torch.float64, device=d.device), tilt_hints(vd, h, log)
     for b in range(d.rank, -(-ends.size // rows), d.world_size):
         we, ss = ends[b * rows:(b + 1) * rows], firsts[b * rows:(b + 1) * rows]
         x, y, idx, scored = window_rows(vd.tokens, np.maximum(we - L, 0), we, ss, rows, L)
         table = np.stack([np.full_like(we, -1), ss, we], 1)
-        acc += account(led, vd.target_bytes, model(x, y), idx, scored, table)
+        acc += account(led, vd.target_bytes, model(x, y, None, tilt_rows(tilt, idx)), idx, scored, table)
     log(f"sliding: {ends.size} windows of {L} stride {h.eval_stride}, {rows} rows per forward")
     return reduce_score(*acc)
 
@@ -2394,12 +2475,12 @@ def chunk_plan(docs, starts, ends, c: int, size: int, h: Hyperparameters) -> dic
     return dict(doc=docs, s=s, ws=ws, cs=np.where(live, cs, 0), ce=ce, live=live, step=live & (ce < e))
 
 
-def ttt_chunk(model, lora, opt, vd: ValData, p: dict, h, led, score_after_update=False):
+def ttt_chunk(model, lora, opt, vd: ValData, p: dict, h, led, tilt, score_after_update=False):
     """Score the chunk's targets with the current adapters, THEN one AdamW step on the sum over
     documents of their mean chunk loss (documents with later chunks only; none without adapters)."""
     L = ttt_bucket(int((p["ce"] - p["ws"]).max()), h.ttt_eval_seq_len)
     x, y, idx, scored = window_rows(vd.tokens, p["ws"], p["ce"], p["cs"], h.ttt_batch_size, L)
-    nll = model(x, y, lora_view(lora, model.compute_dtype))
+    nll = model(x, y, lora_view(lora, model.compute_dtype), tilt_rows(tilt, idx))
     score_rows = np.stack([p["doc"], p["cs"], p["ce"]], 1)[p["live"]]
     if not score_after_update:
         sums = account(led, vd.target_bytes, nll, idx, scored, score_rows)
@@ -2411,12 +2492,12 @@ def ttt_chunk(model, lora, opt, vd: ValData, p: dict, h, led, score_after_update
         led.record("update", np.stack([p["doc"], p["s"], p["ce"]], 1)[p["step"]])
     if score_after_update:  # TEST ONLY (tools/legality.py --variant score-after-update): illegal
         with torch.no_grad():
-            nll = model(x, y, lora_view(lora, model.compute_dtype))
+            nll = model(x, y, lora_view(lora, model.compute_dtype), tilt_rows(tilt, idx))
         sums = account(led, vd.target_bytes, nll, idx, scored, score_rows)
     return sums
 
 
-def ttt_batch(model, lora, docs, starts, ends, vd, h, led, score_after_update=False):
+def ttt_batch(model, lora, docs, starts, ends, vd, h, led, tilt, score_after_update=False):
     """One batch: fresh optimizer state (B was zeroed by the caller), chunks in order."""
     params = [t for ab in lora_pairs(lora) for t in ab]
     lr = h.ttt_lora_lr * h.ttt_local_lr_mult
@@ -2426,7 +2507,7 @@ def ttt_batch(model, lora, docs, starts, ends, vd, h, led, score_after_update=Fa
     docs = np.pad(docs, (0, h.ttt_batch_size - docs.size), constant_values=-1)
     sums = torch.zeros(3, dtype=torch.float64, device=vd.tokens.device)
     for c in range(chunks_of(docs, starts, ends, h)):
-        sums += ttt_chunk(model, lora, opt, vd, chunk_plan(docs, starts, ends, c, size, h), h, led,
+        sums += ttt_chunk(model, lora, opt, vd, chunk_plan(docs, starts, ends, c, size, h), h, led, tilt,
                           score_after_update)
     return sums
 
@@ -2566,6 +2647,7 @@ def ttt_eval(model: GPT, val: ValData, h: Hyperparameters, d: Dist, led: ScoreLe
     starts, ends = find_docs(val.tokens, val.bos_id)
     queue, vd = ttt_queue(ends - starts, h.ttt_batch_size), on_device(val, d.device)
     cuts, budget = phase_cuts(queue, h), budget or EvalBudget(h.eval_budget_seconds, d.device)
+    tilt = tilt_hints(vd, h, log)  # inside the eval timer
     log(f"ttt_phased: docs:{starts.size} batches:{len(queue)} boundaries:{[b for _, b in cuts]} "
         f"pause_after_batch:{[c for c, _ in cuts]} world_size:{d.world_size}")
     model.requires_grad_(False)
@@ -2577,7 +2659,7 @@ def ttt_eval(model: GPT, val: ValData, h: Hyperparameters, d: Dist, led: ScoreLe
         t0 = budget.elapsed()
         for b in range(begin + d.rank, cut, d.world_size):
             reset_lora(lora, None if h.ttt_warm_start_a else h.seed * 1000003 + b)
-            sums = ttt_batch(model, lora, queue[b], starts, ends, vd, h, led, score_after_update)
+            sums = ttt_batch(model, lora, queue[b], starts, ends, vd, h, led, tilt, score_after_update)
             prog.add_batch(b, queue[b], sums, steps[b])
             if prog.batches % max(1, len(queue) // (20 * d.world_size)) == 0:
                 log_ttt_batch(log, b, len(queue), prog, budget, ends[queue[b]] - starts[queue[b]])

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -46,7 +47,7 @@ def test_legality_selftest_passes(capsys):
     assert "ALL PASS" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("variant", ["leaky-smear", "score-after-update", "prequant-ttt"])
+@pytest.mark.parametrize("variant", [v for v in legality.VARIANTS if v != "none"])
 def test_legality_selftest_catches_each_variant(variant, capsys):
     assert legality.main(["--variant", variant]) == 1
     out = capsys.readouterr().out
@@ -235,6 +236,75 @@ def test_ttt_options_keep_score_before_update_and_each_target_once(over):
 def test_ttt_option_values_are_checked(env, match):
     with pytest.raises(ValueError, match=match):
         tiny(**env)
+
+
+# ---- token n-gram tilt ------------------------------------------------------------------------
+
+
+def reference_hints(tokens, starts, ends, order, threshold):
+    """Plain-Python token channel: per document, counts of (last order-1 tokens -> next token)."""
+    out = np.full(len(tokens) - 1, -1)
+    for s, e in zip(starts, ends):
+        counts = {}
+        for i in range(s + order - 2, e):
+            c = counts.setdefault(tuple(tokens[i - order + 2:i + 1]), dict(total=0, top=0, tok=-1, pairs={}))
+            if c["total"] and c["top"] / c["total"] >= threshold:
+                out[i] = c["tok"]
+            nxt = int(tokens[i + 1])
+            c["pairs"][nxt] = c["pairs"].get(nxt, 0) + 1
+            c["total"] += 1
+            if c["pairs"][nxt] > c["top"]:
+                c["top"], c["tok"] = c["pairs"][nxt], nxt
+    return out
+
+
+@pytest.mark.parametrize("order,vocab", [(2, 6), (3, 4), (5, 3)])
+def test_ngram_hints_match_a_plain_reference(order, vocab):
+    g = np.random.default_rng(order)
+    docs = [np.concatenate([[1], g.integers(2, 2 + vocab, n - 1)]) for n in g.integers(1, 60, 30)]
+    toks = np.concatenate(docs)
+    val = tg.ValData(torch.from_numpy(toks).long(), torch.ones(toks.size - 1, dtype=torch.long), 1)
+    starts, ends = tg.find_docs(val.tokens, 1)
+    got = tg.ngram_hints(val, starts, tiny(NGRAM_ORDER=order, NGRAM_THRESHOLD=0.6)).numpy()
+    want = reference_hints(toks, starts, ends, order, 0.6)
+    assert (want >= 0).sum() > 100 and np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("cap", [30.0, torch.tensor([20.0, 35.0])])  # fixed cap, AsymLogit caps
+def test_ngram_tilt_is_a_renormalized_logit_boost(cap):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 11, generator=g) * 20
+    targets, hint = torch.randint(0, 11, (3, 5), generator=g), torch.randint(-1, 11, (3, 5), generator=g)
+    hint[0, :3] = targets[0, :3]  # some hits
+    c = torch.where(logits > 0, cap[0], cap[1]) if isinstance(cap, torch.Tensor) else cap
+    z = c * torch.tanh(logits / c)
+    nll = F.cross_entropy(z.flatten(0, 1), targets.flatten(), reduction="none").view(3, 5)
+    boosted = z + 2.625 * F.one_hot(hint.clamp_min(0), 11) * (hint >= 0)[..., None]
+    want = -torch.log_softmax(boosted, -1).gather(-1, targets[..., None])[..., 0]
+    got = tg.softcap_nll(logits, torch.eye(11), targets, cap, None, hint, 2.625)
+    assert torch.allclose(got, want, atol=1e-5) and torch.equal(got[hint < 0], nll[hint < 0])
+    x = logits.clone().requires_grad_()
+    tg.softcap_nll(x, torch.eye(11), targets, cap, None, hint, 2.625).sum().backward()
+    ref = logits.clone().requires_grad_()
+    tg.softcap_nll(ref, torch.eye(11), targets, cap).sum().backward()
+    assert torch.equal(x.grad, ref.grad)  # TTT steps train on the model's own NLL
+
+
+def test_ngram_tilt_is_off_by_default_and_moves_scores_when_on():
+    assert tiny().ngram_boost == 0 and tg.load_config({}).ngram_boost == 0
+    val, tilt = legality.synthetic_val(), dict(NGRAM_BOOST=2.625, NGRAM_ORDER=2)
+    scores = []
+    for over in ({}, tilt):
+        h = tiny(**over)
+        led = tg.ScoreLedger(val.num_targets, CPU.device)
+        scores.append(tg.ttt_eval(legality.random_model(h), val, h, CPU, led, quiet))
+        checks = tg.check_ledger(led, tg.find_docs(val.tokens, 1)[0])
+        assert checks["C3"] and checks["C4"] and scores[-1].tokens == val.num_targets
+    assert scores[0].nll != pytest.approx(scores[1].nll, rel=1e-6)
+    with pytest.raises(ValueError, match="NGRAM_BOOST"):
+        tiny(NGRAM_BOOST=-1)
+    with pytest.raises(ValueError, match="NGRAM_BOOST"):
+        tg.load_config({"TOKEN_BOOST": "2.625"})
 
 
 # ---- ledger ------------------------------------------------------------------------------------

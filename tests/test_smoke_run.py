@@ -57,3 +57,20 @@ def test_packed_launcher_counts_itself(smoke_dir, tmp_path):
     src = open(os.path.join(REPO, "train_gpt.py"), "rb").read()
     import hashlib
     assert out["source_sha256"] == hashlib.sha256(src).hexdigest()
+
+
+def test_smoke_run_with_the_field_levers(smoke_dir, tmp_path):
+    """Issue 15's eval/quant levers together at SMOKE size (each is off by default): no-Q/V
+    adapters, local LR 0.8 with LoRA LR 8e-5, one phase, the short-doc chunk schedule, AWQ-lite,
+    LQER rank 2 / group 32 / top 4, more calibration batches and the token n-gram tilt."""
+    log = run(os.path.join(REPO, "train_gpt.py"), smoke_dir, tmp_path, "smoke_levers", ITERATIONS="2",
+              WARMUP_STEPS="0", TTT_LORA_TARGETS="k,o,mlp,head", TTT_LOCAL_LR_MULT="0.8",
+              TTT_LORA_LR="8e-5", PHASED_TTT_NUM_PHASES="1", TTT_CHUNK_SCHEDULE="256:8,2000:24",
+              AWQ_LITE_GROUPS="1", LQER_RANK="2", LQER_ASYM_GROUP="32", LQER_TOP_K="4",
+              GPTQ_CALIBRATION_BATCHES="4", NGRAM_BOOST="2.625", NGRAM_ORDER="4")
+    out = final_json(log)
+    assert out["legality"] == "compliant" and out["scored_by"] == "eval_ttt"
+    assert out["tokens_scored"] == int(re.search(r"val_targets (\d+)", log).group(1))
+    assert "+awq_int8" in log and "+lqer_asym" in log
+    hinted = [int(n) for n in re.findall(r"ngram_tilt: (\d+) of", log)]
+    assert hinted and max(hinted) > 0

@@ -4,15 +4,20 @@
     python tools/legality.py --variant leaky-smear         # negative controls: each must fail
     python tools/legality.py --variant score-after-update
     python tools/legality.py --variant prequant-ttt
+    python tools/legality.py --variant tilt-reads-target
 
 A tiny model whose every parameter is random (so zero-initialized gates cannot hide a leak)
 scores synthetic documents through the real eval functions of train_gpt.py: eval_sliding and
-ttt_eval (LoRA adapters, SmearGate, length buckets, phased global SGD), with their ledgers.
+ttt_eval (LoRA adapters, SmearGate, length buckets, phased global SGD), with their ledgers, each
+also with the token n-gram tilt on (NGRAM_BOOST; order 2 here, so hints fire on random tokens).
 
   C1 causal        Change token t. Every score fixed before t was revealed must not move: the
                    targets scored at an earlier ledger clock, and those of the same scoring event
                    that precede t in the stream. Checked in scoring order, so it covers the
                    longest-first TTT queue and the phases.
+  C1 own token     The distribution that scores token t must not depend on t: the perturbed
+                   run's score of the substitute token equals the NLL the base run's
+                   distribution gave that same substitute (recorded by the probe).
   C1 doc isolation Change a token of doc N: no target of any other document may move. This holds
                    for sliding windows and for plain LoRA TTT (no phases, A redrawn per batch).
                    It does NOT hold, legally, with phased global SGD (it trains the base model on
@@ -22,13 +27,15 @@ ttt_eval (LoRA adapters, SmearGate, length buckets, phased global SGD), with the
                    in scoring order allows and the C1 causal row checks.
   C2 normalized    At sampled positions of every forward, the head (model.nll, the function
                    GPT.forward calls) gives the NLL of every vocab id: logsumexp(-nll) must be 0,
-                   and the returned score must be the realized token's entry.
+                   and the returned score must be the realized token's entry. With the tilt on,
+                   at least one probed position must carry a hint (else the check is vacuous).
   C3, C4           The ledger the pipeline wrote: each update only after the scores of the doc
                    prefix it consumed; each target scored exactly once.
 
 Variants (test-only hooks that must make the tool fail): leaky-smear turns off SmearGate's BOS
 mask only (attention keeps its document mask); score-after-update takes each chunk's AdamW step
-before scoring it; prequant-ttt runs train_gpt.prequant_ttt (AdamW on val) before every eval.
+before scoring it; prequant-ttt runs train_gpt.prequant_ttt (AdamW on val) before every eval;
+tilt-reads-target hints each target with its own realized token (the channels #1967 rejected).
 """
 import argparse
 import os
@@ -52,11 +59,17 @@ TINY = dict(  # the SMOKE preset shrunk further; chunks, windows and phases all 
     PREQUANT_TTT_EPOCHS=0, EVAL_BUDGET_SECONDS=1e9,
 )
 DOC_LENS = (90, 30, 60, 12, 80, 45, 20, 70, 8, 50, 85, 35)  # 3 batches of 4, 2 pauses
-VARIANTS = {"none": None, "leaky-smear": "C1", "score-after-update": "C3", "prequant-ttt": "C3"}
+VARIANTS = {"none": None, "leaky-smear": "C1", "score-after-update": "C3", "prequant-ttt": "C3",
+            "tilt-reads-target": "C1"}
+TILT = dict(NGRAM_BOOST=2.625, NGRAM_ORDER=2, NGRAM_THRESHOLD=0.8)
+INDEPENDENT = dict(PHASED_TTT_NUM_PHASES=0, TTT_WARM_START_A=0)
 PIPELINES = {  # name -> (eval, config overrides)
     "sliding": ("sliding", {}),
     "LoRA TTT, phased, warm A": ("ttt", {}),
-    "LoRA TTT, independent": ("ttt", dict(PHASED_TTT_NUM_PHASES=0, TTT_WARM_START_A=0)),
+    "LoRA TTT, independent": ("ttt", INDEPENDENT),
+    "sliding, n-gram tilt": ("sliding", TILT),
+    "LoRA TTT, phased, warm A, tilt": ("ttt", TILT),
+    "LoRA TTT, independent, tilt": ("ttt", {**INDEPENDENT, **TILT}),
 }
 
 
@@ -80,23 +93,47 @@ def synthetic_val(lens=DOC_LENS, seed: int = 0) -> tg.ValData:
     return tg.ValData(torch.from_numpy(toks).long(), torch.from_numpy(g.integers(1, 5, toks.size - 1)), BOS)
 
 
+def substitute(tokens):
+    """The token that perturb() puts in place of each token (another non-BOS id)."""
+    return (tokens - 2 + 17) % (VOCAB - 2) + 2
+
+
 class NormProbe:
     """Wraps model.nll. At one position of every call it scores every vocab id through the same
-    function and keeps the worst |logsumexp(-nll)| and |score - nll[realized token]|."""
+    function and keeps the worst |logsumexp(-nll)| and |score - nll[realized token]|; at every
+    position it keeps the NLL of the substitute token (`alt`, for C1 own token)."""
 
     def __init__(self, fn):
-        self.fn, self.calls, self.worst = fn, 0, 0.0
+        self.fn, self.calls, self.worst, self.hinted, self.alt = fn, 0, 0.0, 0, None
 
-    def __call__(self, hidden, weight, targets, softcap, head_delta=None):
-        out = self.fn(hidden, weight, targets, softcap, head_delta)
+    def __call__(self, hidden, weight, targets, softcap, head_delta=None, hint=None, boost=0.0):
+        out = self.fn(hidden, weight, targets, softcap, head_delta, hint, boost)
         self.calls += 1
         with torch.no_grad():
+            self.alt = self.fn(hidden, weight, substitute(targets), softcap, head_delta, hint, boost)
             b, t, V = self.calls % hidden.size(0), (7 * self.calls) % hidden.size(1), weight.size(0)
             delta = None if head_delta is None else head_delta[b, t].expand(1, V, V)
-            every = self.fn(hidden[b, t].expand(1, V, -1), weight, torch.arange(V)[None], softcap, delta)[0]
-            err = max(torch.logsumexp(-every, 0).abs().item(), (every[targets[b, t]] - out[b, t]).abs().item())
+            h1 = None if hint is None else hint[b, t].expand(1, V)
+            self.hinted += 0 if hint is None else int(hint[b, t] >= 0)
+            every = self.fn(hidden[b, t].expand(1, V, -1), weight, torch.arange(V)[None], softcap, delta, h1,
+                            boost)[0]
+            gap = (every[targets[b, t]] - out[b, t]).abs().item()
+            err = max(torch.logsumexp(-every, 0).abs().item(), gap)
             self.worst = max(self.worst, err)
         return out
+
+
+class ProbeLedger(tg.ScoreLedger):
+    """The ledger of a probed run: also the probe's substitute-token NLL of every scored target."""
+
+    def __init__(self, n: int, probe: NormProbe):
+        super().__init__(n, CPU.device, keep_nll=True)
+        self.probe, self.alt = probe, torch.full((n,), float("nan"))
+
+    def record(self, kind, rows, idx=None, nll=None, mask=None):
+        super().record(kind, rows, idx, nll, mask)
+        if nll is not None:
+            self.alt[idx[mask]] = self.probe.alt[mask].float()
 
 
 def run(pipeline: str, val: tg.ValData, variant: str, probe: bool = False):
@@ -107,22 +144,29 @@ def run(pipeline: str, val: tg.ValData, variant: str, probe: bool = False):
     if variant == "leaky-smear":  # TEST HOOK: the smear no longer stops at BOS; attention still does
         model.bos_id = -1
         model.attention_segments = lambda idx: tg.segment_ids(idx, BOS, h.train_seq_len)
-    led = tg.ScoreLedger(val.num_targets, CPU.device, keep_nll=True)
+    if probe:
+        model.nll = NormProbe(model.nll)
+    n = val.num_targets
+    led = ProbeLedger(n, model.nll) if probe else tg.ScoreLedger(n, CPU.device, keep_nll=True)
     if variant == "prequant-ttt":
         tg.prequant_ttt(model, val, h, CPU, quiet)
         tg.mark_prequant(led, *tg.find_docs(val.tokens, BOS))
-    if probe:
-        model.nll = NormProbe(model.nll)
-    if kind == "sliding":
-        tg.eval_sliding(model, val, h, CPU, led, quiet)
-    else:
-        tg.ttt_eval(model, val, h, CPU, led, quiet, score_after_update=variant == "score-after-update")
+    hints = tg.ngram_hints
+    if variant == "tilt-reads-target":  # TEST HOOK: each target's hint is its realized token
+        tg.ngram_hints = lambda v, starts, h: v.tokens[1:].clone()
+    try:
+        if kind == "sliding":
+            tg.eval_sliding(model, val, h, CPU, led, quiet)
+        else:
+            tg.ttt_eval(model, val, h, CPU, led, quiet, score_after_update=variant == "score-after-update")
+    finally:
+        tg.ngram_hints = hints
     return led, model
 
 
 def perturb(val: tg.ValData, t: int) -> tg.ValData:
     tokens = val.tokens.clone()
-    tokens[t] = (tokens[t] - 2 + 17) % (VOCAB - 2) + 2  # another non-BOS id
+    tokens[t] = substitute(tokens[t])
     return tg.ValData(tokens, val.target_bytes, BOS)
 
 
@@ -142,18 +186,22 @@ def causal_positions(val: tg.ValData) -> list:
     return [int(starts[0]) + 20, int(starts[5]) + 11, int(ends[4]) - 1]
 
 
-def check_causal(pipeline: str, val: tg.ValData, variant: str, base) -> tuple:
-    """C1 in scoring order: scores fixed before token t was revealed do not move."""
-    clk, moved = clocks(base), 0
+def check_causal(pipeline: str, val: tg.ValData, variant: str, base) -> list:
+    """C1 in scoring order: scores fixed before token t was revealed do not move; and the score
+    of t itself comes from a distribution that did not read t (C1 own token)."""
+    clk, moved, own, n = clocks(base), 0, 0, len(causal_positions(val))
     for t in causal_positions(val):
         led, _ = run(pipeline, perturb(val, t), variant)
         i = torch.arange(val.num_targets)
         c = clk[t - 1]
         fixed = (clk < c) | ((clk == c) & (i < t - 1))
-        if torch.equal(led.nll, base.nll):
-            return False, f"perturbing token {t} changed nothing (vacuous check)"
+        if torch.equal(led.nll, base.nll) or torch.isnan(base.alt[t - 1]):
+            return [("C1 causal", pipeline, False, f"perturbing token {t} changed nothing (vacuous check)")]
         moved += int((led.nll[fixed] != base.nll[fixed]).sum())
-    return moved == 0, f"{moved} fixed scores moved over {len(causal_positions(val))} perturbations"
+        own += int(led.nll[t - 1] != base.alt[t - 1])
+    return [("C1 causal", pipeline, moved == 0, f"{moved} fixed scores moved over {n} perturbations"),
+            ("C1 own token", pipeline, own == 0, f"{own} of {n} perturbed tokens scored by a distribution "
+             "that read them")]
 
 
 def check_isolation(pipeline: str, val: tg.ValData, variant: str, base) -> tuple:
@@ -173,13 +221,14 @@ def run_checks(variant: str = "none") -> list:
     for pipeline in PIPELINES:
         base, model = run(pipeline, val, variant, probe=True)
         led_checks = tg.check_ledger(base, starts)
-        if pipeline != "LoRA TTT, independent":
-            rows.append(("C1 causal", pipeline, *check_causal(pipeline, val, variant, base)))
-        if pipeline != "LoRA TTT, phased, warm A":
+        if "independent" not in pipeline:
+            rows += check_causal(pipeline, val, variant, base)
+        if "phased" not in pipeline:
             rows.append(("C1 doc isolation", pipeline, *check_isolation(pipeline, val, variant, base)))
-        worst = model.nll.worst
-        rows.append(("C2 normalized", pipeline, worst < 1e-4,
-                     f"{model.nll.calls} forwards probed, worst |logsumexp| or score gap {worst:.1e}"))
+        p, tilt = model.nll, "tilt" in pipeline
+        rows.append(("C2 normalized", pipeline, p.worst < 1e-4 and (p.hinted > 0 or not tilt),
+                     f"{p.calls} forwards probed ({p.hinted} at a hint), worst |logsumexp| or score gap "
+                     f"{p.worst:.1e}"))
         rows.append(("C3 score before update", pipeline, led_checks["C3"],
                      f"{led_checks['late_updates']} updates before the scores they used"))
         rows.append(("C4 each target once", pipeline, led_checks["C4"],
@@ -188,9 +237,9 @@ def run_checks(variant: str = "none") -> list:
 
 
 def print_table(rows: list):
-    print(f"{'condition':<24} {'pipeline':<26} result  detail")
+    print(f"{'condition':<24} {'pipeline':<32} result  detail")
     for cond, pipeline, ok, detail in rows:
-        print(f"{cond:<24} {pipeline:<26} {'PASS' if ok else 'FAIL':<7} {detail}")
+        print(f"{cond:<24} {pipeline:<32} {'PASS' if ok else 'FAIL':<7} {detail}")
 
 
 def main(argv=None) -> int:
