@@ -113,7 +113,6 @@ class Hyperparameters:
     attn_clip_sigmas: float = 13.0  # per-row clip edge = k * std(row)
     mlp_clip_sigmas: float = 11.5  # the same for MLP matrices (FIT_TO_CAP may raise it)
     embed_clip_sigmas: float = 14.0  # the same for the tied embedding
-    matrix_clip_sigmas: float = 12.85  # any other large matrix
     lqer_enabled: bool = True  # low-rank correction of the worst-quantized tensors
     lqer_rank: int = 4  # rank of each LQER correction
     lqer_top_k: int = 3  # how many tensors (largest quantization error) get one
@@ -177,13 +176,18 @@ class Hyperparameters:
             raise ValueError(f"TTT_LORA_TARGETS={self.ttt_lora_targets!r}: a comma list of "
                              f"{','.join(LORA_TARGETS)}, or empty for no adapters")
         if self.ttt_local_lr_mult < 0:
-            raise ValueError(f"TTT_LOCAL_LR_MULT={self.ttt_local_lr_mult}: must be >= 0 (it scales TTT_LORA_LR)")
+            raise ValueError(f"TTT_LOCAL_LR_MULT={self.ttt_local_lr_mult}: must be >= 0 (scales TTT_LORA_LR)")
         if self.ngram_boost < 0 or self.ngram_order < 2 or not 0 < self.ngram_threshold <= 1:
-            raise ValueError(f"NGRAM_BOOST={self.ngram_boost}, NGRAM_ORDER={self.ngram_order}, NGRAM_THRESHOLD="
-                             f"{self.ngram_threshold}: need BOOST >= 0 (0 = off), ORDER >= 2, 0 < THRESHOLD <= 1")
+            raise ValueError(f"NGRAM_BOOST={self.ngram_boost}, NGRAM_ORDER={self.ngram_order}, "
+                             f"NGRAM_THRESHOLD={self.ngram_threshold}: need BOOST >= 0 (0 = off), "
+                             "ORDER >= 2, 0 < THRESHOLD <= 1")
+        width = self.lqer_rank * self.model_dim  # every LQER B factor is rank x a multiple of this
+        if self.lqer_enabled and (self.lqer_asym_group < 1 or width % self.lqer_asym_group):
+            raise ValueError(f"LQER_ASYM_GROUP={self.lqer_asym_group} must divide LQER_RANK x MODEL_DIM = "
+                             f"{width} (the LQER B factors split into these groups)")
         if self.awq_lite_groups < 0 or self.awq_lite_group_size < 1:
-            raise ValueError(f"AWQ_LITE_GROUPS={self.awq_lite_groups}, AWQ_LITE_GROUP_SIZE={self.awq_lite_group_size}:"
-                             " need AWQ_LITE_GROUPS >= 0 (0 = off) and AWQ_LITE_GROUP_SIZE >= 1")
+            raise ValueError(f"AWQ_LITE_GROUPS={self.awq_lite_groups}, AWQ_LITE_GROUP_SIZE="
+                             f"{self.awq_lite_group_size}: need GROUPS >= 0 (0 = off), GROUP_SIZE >= 1")
         if any(not 0 < c <= self.ttt_eval_seq_len for _, c in chunk_schedule(self.ttt_chunk_schedule)):
             raise ValueError(f"TTT_CHUNK_SCHEDULE={self.ttt_chunk_schedule!r}: chunks in 1..TTT_EVAL_SEQ_LEN")
 
@@ -246,7 +250,7 @@ RUN_FIELDS = (
     "qk_gain_init", "enable_looping_at", "attn_backend", "matrix_lr", "scalar_lr", "tied_embed_lr",
     "muon_momentum", "muon_momentum_warmup_start", "muon_momentum_warmup_steps", "muon_wd", "beta2",
     "adam_wd", "embed_wd", "grad_clip_norm", "ema_decay", "gptq_calibration_batches", "matrix_bits",
-    "embed_bits", "attn_clip_sigmas", "mlp_clip_sigmas", "embed_clip_sigmas", "matrix_clip_sigmas",
+    "embed_bits", "attn_clip_sigmas", "mlp_clip_sigmas", "embed_clip_sigmas",
     "lqer_enabled", "lqer_rank", "lqer_top_k", "lqer_asym_group", "awq_lite_groups", "awq_lite_group_size",
     "compressor", "fit_to_cap",
     "save_prequant", "eval_only", "prequant_ttt_lr",
@@ -318,6 +322,8 @@ RENAMED = {name: use for use, names in (
     ("nothing: MuonEq-R row normalization is always on", "MUON_ROW_NORMALIZE"),
     ("AWQ_LITE_GROUPS (0 = off; PR #1908: 1)", "AWQ_LITE_ENABLED AWQ_LITE_GROUP_TOP_K"),
     ("nothing: AWQ-lite groups are int8", "AWQ_LITE_BITS"),
+    ("nothing: no tensor reached its class (GPTQ'd matrices are attention, MLP or the embedding: "
+     "ATTN_CLIP_SIGMAS, MLP_CLIP_SIGMAS, EMBED_CLIP_SIGMAS)", "MATRIX_CLIP_SIGMAS"),
     ("nothing: LQER is always asymmetric (A int2, B int4 in LQER_ASYM_GROUP groups)",
      "LQER_ASYM_ENABLED LQER_FACTOR_BITS"),
     ("nothing: GPTQ always runs", "GPTQ_ENABLED"), ("EMA_DECAY (EMA is always on)", "EMA_ENABLED"),
@@ -1575,7 +1581,7 @@ GPTQ_SUFFIXES = {  # weight name suffix -> tensor class (bits and clip sigma com
     "attn.c_q.weight": "attn", "attn.c_k.weight": "attn", "attn.c_v.weight": "attn",
     "attn.proj.weight": "attn", "mlp.fc.weight": "mlp", "mlp.proj.weight": "mlp",
 }
-MATRIX_CLASSES = ("embed", "attn", "mlp", "matrix")  # the GPTQ'd (and LQER-eligible) classes
+MATRIX_CLASSES = ("embed", "attn", "mlp")  # the GPTQ'd (and LQER-eligible) classes
 PASSTHROUGH_MAX_NUMEL = 65536  # float tensors up to this size are kept as fp16
 GPTQ_DAMP_TRIES = 4  # damping GPTQ_DAMP * 10**k, k < 4, before falling back to rounding
 
@@ -1669,18 +1675,18 @@ def gptq_quantize(W, H, bits, clip_sigmas, block_size=128, damp=0.01, keep=None)
 
 
 def lqer_factors(E: torch.Tensor, rank: int, group: int) -> dict:
-    """Rank-r SVD of the quantization error E ~ A @ B, packed small (spec 5.4).
-    Asymmetric when B splits into groups: A int2 in [-2, 1] with one scale max|A|/1.5, B int4 in
-    [-8, 7] with one scale max|g|/7.5 per `group` elements. Otherwise 4-bit per row, scale max/7."""
+    """Rank-r SVD of the quantization error E ~ A @ B, packed small and asymmetric (spec 5.4):
+    A int2 in [-2, 1] with one scale max|A|/1.5, B int4 in [-8, 7] with one scale max|g|/7.5 per
+    `group` elements. (The spec's symmetric fallback for a B that does not split into groups is
+    gone: every B here is rank x a multiple of MODEL_DIM, checked in Hyperparameters.)"""
     U, S, Vh = torch.linalg.svd(E.float(), full_matrices=False)
     r = min(rank, S.numel())
     A, B = U[:, :r] * S[:r], Vh[:r]
-    if B.numel() % group == 0:
-        qa, sa = quantize_groups(A, A.numel(), -2, 1, 1.5)
-        qb, sb = quantize_groups(B, group, -8, 7, 7.5)
-    else:
-        qa, sa = quantize_groups(A, r, -7, 7, 7.0)
-        qb, sb = quantize_groups(B, B.shape[1], -7, 7, 7.0)
+    if B.numel() % group:
+        raise ValueError(f"LQER factor B of {tuple(B.shape)} does not split into LQER_ASYM_GROUP={group} "
+                         "groups: pick a group that divides LQER_RANK x the matrix width")
+    qa, sa = quantize_groups(A, A.numel(), -2, 1, 1.5)
+    qb, sb = quantize_groups(B, group, -8, 7, 7.5)
     return {"lqer_qa": qa.cpu(), "lqer_sa": sa.cpu(), "lqer_qb": qb.cpu(), "lqer_sb": sb.cpu()}
 
 
@@ -1691,7 +1697,7 @@ def lqer_reconstruct(f: dict) -> torch.Tensor:
 
 
 def tensor_class(name: str, t: torch.Tensor) -> str:
-    """embed | attn | mlp | matrix -> GPTQ; gate -> int8 rows; fp16 -> passthrough; raw -> as is.
+    """embed | attn | mlp -> GPTQ; gate -> int8 rows; fp16 -> passthrough; raw -> as is.
     Named block matrices are GPTQ'd at any size (so small smoke models exercise GPTQ); at record
     size they are all above PASSTHROUGH_MAX_NUMEL anyway, as the spec's size rule has it."""
     if not t.is_floating_point():
@@ -1705,15 +1711,14 @@ def tensor_class(name: str, t: torch.Tensor) -> str:
         return "gate"
     if t.numel() <= PASSTHROUGH_MAX_NUMEL:
         return "fp16"
-    if t.ndim == 2:
-        return "matrix"
-    raise ValueError(f"{name}: no quantization rule for a {t.ndim}-D tensor of {t.numel()} values")
+    raise ValueError(f"{name}: no quantization rule for a {tuple(t.shape)} tensor of {t.numel()} values "
+                     f"(GPTQ covers tok_emb and the GPTQ_SUFFIXES block matrices)")
 
 
 def class_bits_sigma(cls: str, h) -> tuple:
     return {
         "embed": (h.embed_bits, h.embed_clip_sigmas), "attn": (h.matrix_bits, h.attn_clip_sigmas),
-        "mlp": (h.matrix_bits, h.mlp_clip_sigmas), "matrix": (h.matrix_bits, h.matrix_clip_sigmas),
+        "mlp": (h.matrix_bits, h.mlp_clip_sigmas),
     }[cls]
 
 
@@ -1847,7 +1852,7 @@ def quantize_state_dict(sd: dict, hessians: dict, h, log=print) -> tuple:
     errs = matrix_errors(sd, qstate, mats)
     lqer = apply_lqer(sd, qstate, errs, h) if h.lqer_enabled else []
     for n in lqer:
-        labels[n] += "+lqer_asym" if qstate[n]["lqer_sa"].numel() == 1 else "+lqer_sym"
+        labels[n] += "+lqer_asym"
     final = {**errs, **matrix_errors(sd, qstate, lqer)}
     cats = {}
     for name, label in labels.items():

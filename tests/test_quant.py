@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train_gpt as tg  # noqa: E402
 from train_gpt import (  # noqa: E402
     FP16_TINY, awq_groups, clip_range, dequantize_entry, dequantize_groups, dequantize_state_dict,
     deserialize, gptq_quantize, Ledger, lqer_factors, lqer_reconstruct, quantize_fit, quantize_groups,
@@ -21,7 +22,7 @@ from train_gpt import (  # noqa: E402
 
 def config(**kw):
     base = dict(matrix_bits=6, embed_bits=7, attn_clip_sigmas=13.0, mlp_clip_sigmas=11.5,
-                embed_clip_sigmas=14.0, matrix_clip_sigmas=12.85, lqer_enabled=True, lqer_rank=4,
+                embed_clip_sigmas=14.0, lqer_enabled=True, lqer_rank=4,
                 lqer_top_k=3, lqer_asym_group=64, compressor="brotli", awq_lite_groups=0,
                 awq_lite_group_size=64, num_loops=0, loop_start=3, loop_end=5)
     return types.SimpleNamespace(**{**base, **kw})
@@ -168,12 +169,31 @@ def test_lqer_asym_format_and_gain():
     assert (E - lqer_reconstruct(f)).norm() < E.norm()
 
 
-def test_lqer_symmetric_fallback():
+def test_lqer_factor_that_does_not_split_into_groups_is_refused():
+    """The symmetric fallback is gone (issue 16): the config refuses a group that does not divide
+    LQER_RANK x MODEL_DIM, and lqer_factors refuses a B that does not split."""
     E = torch.randn(50, 40) * 1e-3 + torch.randn(50, 2) @ torch.randn(2, 40) * 1e-2
-    f = lqer_factors(E, 4, 64)  # 4 * 40 = 160 is not a multiple of 64
-    assert f["lqer_sa"].shape == (50,) and f["lqer_sb"].shape == (4,)
-    assert int(f["lqer_qa"].abs().max()) <= 7 and int(f["lqer_qb"].abs().max()) <= 7
-    assert (E - lqer_reconstruct(f)).norm() < 0.5 * E.norm()
+    with pytest.raises(ValueError, match="LQER_ASYM_GROUP=64"):
+        lqer_factors(E, 4, 64)  # 4 * 40 = 160 is not a multiple of 64
+    with pytest.raises(ValueError, match="LQER_ASYM_GROUP=48"):
+        tg.load_config({"LQER_ASYM_GROUP": "48"})  # 4 * 512 = 2048 is not a multiple of 48
+    assert tg.load_config({"LQER_ASYM_GROUP": "48", "LQER_ENABLED": "0"}).lqer_asym_group == 48
+    assert tg.load_config({"LQER_ASYM_GROUP": "32", "LQER_RANK": "2"}).lqer_asym_group == 32
+
+
+@pytest.mark.parametrize("env", [{}, {"SMOKE": "1"}, {"ATTN_GATE": "dense"}, {"ASYM_LOGIT_RESCALE": "1"}])
+def test_every_tensor_of_the_model_has_a_quantization_rule(env):
+    """No tensor of the model falls outside embed/attn/mlp GPTQ, the int8 gate rows and the fp16
+    passthrough (the `matrix` class and MATRIX_CLIP_SIGMAS were unreachable and are gone); a
+    large tensor outside those names is an error, not a silent class."""
+    h = tg.load_config(env)
+    sd = tg.GPT(h, 1, "sdpa").state_dict()
+    classes = {tg.tensor_class(n, t) for n, t in sd.items()}
+    assert {"embed", "attn", "mlp"} <= classes <= {"embed", "attn", "mlp", "gate", "fp16"}
+    with pytest.raises(ValueError, match="big_other.weight: no quantization rule"):
+        tg.tensor_class("big_other.weight", torch.zeros(300, 256))
+    with pytest.raises(ValueError, match="MATRIX_CLIP_SIGMAS"):
+        tg.load_config({"MATRIX_CLIP_SIGMAS": "12.85"})
 
 
 def toy_state_dict(d=64, layers=2, kv=32, vocab=256, heads=4, seed=0):
@@ -192,7 +212,6 @@ def toy_state_dict(d=64, layers=2, kv=32, vocab=256, heads=4, seed=0):
         sd[p + "attn_scale"] = torch.rand(d)
         sd[p + "resid_mix"] = torch.randn(2, d)
     sd["skip_weights"] = torch.randn(layers // 2, d)
-    sd["big_other.weight"] = trained_like(300, 256, seed + 99)  # > 65,536: int6, matrix sigma
     sd["step_counter"] = torch.tensor([7, 8], dtype=torch.int64)
     return sd
 
@@ -218,7 +237,6 @@ def quantized():
 def test_state_dict_classes_and_log(quantized):
     sd, qstate, stats, lines = quantized
     assert qstate["tok_emb.weight"]["bits"] == 7 and qstate["blocks.0.mlp.fc.weight"]["bits"] == 6
-    assert qstate["big_other.weight"]["bits"] == 6
     assert qstate["blocks.0.attn.attn_gate_w"]["bits"] == 8
     assert qstate["skip_weights"]["kind"] == "fp16" and qstate["step_counter"]["kind"] == "raw"
     logged = [n for line in lines for n in line.split(": ", 1)[1].split(", ")]
