@@ -56,6 +56,14 @@ def test_ab_same_weights_delta(smoke_dir, tmp_path, monkeypatch):
     assert rows["nolqer"]["model_bytes"] < rows["base"]["model_bytes"]
 
 
+def test_ab_variant_values_may_hold_commas():
+    name, over = ab.parse_variant("noqv:TTT_LORA_TARGETS=k,o,mlp,head,"
+                                  "TTT_CHUNK_SCHEDULE=256:8,2000:24,AWQ_LITE_GROUPS=1 NGRAM_BOOST=2.625")
+    assert name == "noqv" and over == dict(ttt_lora_targets="k,o,mlp,head", awq_lite_groups=1,
+                                           ttt_chunk_schedule="256:8,2000:24", ngram_boost=2.625)
+    assert ab.parse_variant("two:LQER_ENABLED=0,TTT_ENABLED=0")[1] == dict(lqer_enabled=False, ttt_enabled=False)
+
+
 @pytest.mark.parametrize("spec", ["arch:NUM_LAYERS=3", "lr:MATRIX_LR=0.01", "typo:LQER_ENABLD=0", "noname"])
 def test_ab_refuses_non_eval_overrides(spec):
     with pytest.raises(ValueError):

@@ -7,8 +7,9 @@
 
 The model is rebuilt from the checkpoint's resolved config (SAVE_PREQUANT saves it with the
 weights and the loop state); a checkpoint without one (older runs) takes the config from the env.
-Each `--variant NAME:KEY=VAL[,KEY=VAL...]` overrides env names of the quantization and evaluation
-sections of `Hyperparameters` (plus VAL_BATCH_TOKENS); the first variant is the base. Training-side
+Each `--variant NAME:KEY=VAL[,KEY=VAL...]` (a VAL may hold commas: TTT_LORA_TARGETS=k,o,mlp,head)
+overrides env names of the quantization and evaluation sections of `Hyperparameters` (plus
+VAL_BATCH_TOKENS); the first variant is the base. Training-side
 and architecture names are refused: the checkpoint fixes them (compare those by seeds at equal
 wall-clock, `tools/seeds.py stats --against`). The process env may set the same names for every
 variant, and DATA_PATH / TOKENIZER_PATH / ARTIFACT_DIR when the data lies elsewhere here.
@@ -74,7 +75,8 @@ def parse_variant(spec: str) -> tuple:
     name, sep, body = spec.partition(":")
     if not sep or not name:
         raise ValueError(f"--variant {spec!r}: use NAME:KEY=VAL[,KEY=VAL...] (NAME: for no change)")
-    pairs = [p for p in re.split(r"[,\s]+", body) if p]
+    # a comma starts a new KEY= only where one follows: TTT_LORA_TARGETS=k,o,mlp,head stays whole
+    pairs = [p for p in re.split(r"[,\s]+(?=[A-Za-z_][A-Za-z0-9_]*=)|\s+", body) if p]
     if any("=" not in p for p in pairs):
         raise ValueError(f"--variant {spec!r}: each override is KEY=VAL")
     over = parse_overrides(dict(p.split("=", 1) for p in pairs), strict=True)
