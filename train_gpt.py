@@ -39,6 +39,31 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+# Optional kernels: attention backends (pick_attention_backend) and Triton (fused MLP and CE).
+try:
+    from flash_attn_interface import flash_attn_varlen_func  # FlashAttention-3 (Hopper)
+except ImportError:
+    flash_attn_varlen_func = None
+try:  # PyTorch's own FlashAttention-2 varlen kernel (torch >= 2.10; the keywords changed in 2.12)
+    from torch.nn.attention.varlen import varlen_attn
+    _VARLEN_PARAMS = inspect.signature(varlen_attn).parameters
+    VARLEN_KW = dict({"is_causal": True} if "is_causal" in _VARLEN_PARAMS else {"window_size": (-1, 0)},
+                     **({"enable_gqa": True} if "enable_gqa" in _VARLEN_PARAMS else {}))
+except ImportError:
+    varlen_attn = None
+try:
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    # compiled on its own too, so eager callers (GPTQ calibration) never materialize T x T scores
+    flex_attention_compiled = torch.compile(flex_attention, dynamic=False)
+except ImportError:
+    BlockMask = flex_attention = flex_attention_compiled = None
+try:  # GPU builds of torch ship Triton; CPU builds do not (then the MLP stays unfused)
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+except ImportError:
+    triton = None
+
 # ------------------------------------------------------------------------------------------------
 # Config
 # One typed dataclass. Each field is set by the env var of the same name in upper case; a name
@@ -760,35 +785,12 @@ class TrainLoader:
 # call GPT.forward; documents are found from BOS inside it, and TTT adapters are an argument.
 # ------------------------------------------------------------------------------------------------
 
-try:
-    from flash_attn_interface import flash_attn_varlen_func  # FlashAttention-3 (Hopper)
-except ImportError:
-    flash_attn_varlen_func = None
-try:  # PyTorch's own FlashAttention-2 varlen kernel (torch >= 2.10; the keywords changed in 2.12)
-    from torch.nn.attention.varlen import varlen_attn
-    _VARLEN_PARAMS = inspect.signature(varlen_attn).parameters
-    VARLEN_KW = dict({"is_causal": True} if "is_causal" in _VARLEN_PARAMS else {"window_size": (-1, 0)},
-                     **({"enable_gqa": True} if "enable_gqa" in _VARLEN_PARAMS else {}))
-except ImportError:
-    varlen_attn = None
-try:
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
-    # compiled on its own too, so eager callers (GPTQ calibration) never materialize T x T scores
-    flex_attention_compiled = torch.compile(flex_attention, dynamic=False)
-except ImportError:
-    BlockMask = flex_attention = flex_attention_compiled = None
 FLEX_BLOCK = 128
 # Tile sizes for head dim 64 from bench/flex_tune.py on an H100 with real document masks: 209 ms
 # of attention per 786K-token step against 238 ms with torch 2.11's defaults (plain sm80+ configs).
 FLEX_OPTIONS = dict(fwd_BLOCK_M=128, fwd_BLOCK_N=64, fwd_num_stages=3, fwd_num_warps=4,
                     bwd_BLOCK_M1=32, bwd_BLOCK_N1=128, bwd_BLOCK_M2=128, bwd_BLOCK_N2=32,
                     bwd_num_stages=3, bwd_num_warps=4)
-try:  # GPU builds of torch ship Triton; CPU builds do not (then the MLP stays unfused)
-    import triton
-    import triton.language as tl
-    from torch.library import triton_op, wrap_triton
-except ImportError:
-    triton = None
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -996,6 +998,8 @@ class Attention(nn.Module):
         return out if lora is None else out + out_scale.to(n.dtype) * lora_delta(n, lora["o"], lora["scale"])
 
 
+MLP_TILE = (128, 256, 64, 8, 3)  # BM, BN, BK, warps, stages of mlp_act_matmul (bench/bench_mlp.py)
+
 if triton is not None:
     @triton.jit
     def mlp_act_matmul(a, b, pre, out, M, N, K, GRAD: tl.constexpr, SLOPE: tl.constexpr, BM: tl.constexpr,
@@ -1108,7 +1112,6 @@ if triton is not None:
         dcaps = lse.new_empty((x.size(0) if caps is not None else 0, 2))
         launch_softcap_ce(x, tgt, dx, lse, dnll, dx, softcap, True, caps, dcaps)  # nll unused
         return dx, dcaps
-MLP_TILE = (128, 256, 64, 8, 3)  # BM, BN, BK, warps, stages of mlp_act_matmul (bench/bench_mlp.py)
 
 
 class FusedMLP(torch.autograd.Function):
@@ -1249,6 +1252,8 @@ class GPT(nn.Module):
         if h.asym_logit_rescale:  # AsymLogit (PR #1923): trained by global TTT only (see training_state)
             self.logit_caps = nn.Parameter(torch.full((2,), LOGIT_SOFTCAP), requires_grad=False)
         self.compute_dtype = torch.bfloat16 if backend != "sdpa" else torch.float32
+        # module functions held as attributes only so that compile_model can swap in compiled
+        # versions (and tools/legality.py can wrap nll)
         self.nll, self.skip_merge, self.final_norm = softcap_nll, skip_merge, final_norm
 
     def layer_order(self, looping: bool) -> list:
@@ -1448,7 +1453,8 @@ class Optimizers:
         # Global norm: the Muon shards are disjoint across ranks, the replicated grads identical.
         sq = all_reduce(self.muon.sq_norm().reshape(1)) + torch.stack(torch._foreach_norm(grads)).square().sum()
         norm = sq.sqrt().squeeze()
-        clip = (self.h.grad_clip_norm / (norm + 1e-6)).clamp(max=1.0) if self.h.grad_clip_norm else norm * 0 + 1
+        clip = (self.h.grad_clip_norm / (norm + 1e-6)).clamp(max=1.0) if self.h.grad_clip_norm else \
+            torch.ones_like(norm)
         torch._foreach_mul_(grads, clip)
         for g, base in zip(self.adam.param_groups, self.base_lrs):
             g["lr"] = base * lr_mult
@@ -1514,6 +1520,7 @@ class EMA:
 # deterministic container compressed with brotli. The score is taken on the model read back from it.
 # ------------------------------------------------------------------------------------------------
 
+ARTIFACT_CAP = 16_000_000  # code + compressed model bytes (decimal), the challenge's cap
 QUANT_MAGIC, QUANT_VERSION = b"PGQZ", 3  # 2: payload in parallel slices; 3: + configuration block
 COMPRESSORS = ("brotli", "lzma")
 FP16_TINY = 2.0**-24  # smallest positive fp16; the spec's 1e-10 floor would round to 0 in fp16
@@ -2006,8 +2013,6 @@ def artifact_accounting(path: str, h: Hyperparameters, log) -> dict:
             "not a valid submission.")
     return acc
 
-
-ARTIFACT_CAP = 16_000_000
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2804,6 +2809,13 @@ def log_header(log, h: Hyperparameters, d: Dist, spec: DataSpec, val: ValData, b
             "score is not record-comparable.\n" + "!" * 100)
 
 
+FIT_TRIES = 3  # requantizations at most (each ~7 s GPTQ + ~7 s brotli on an H100)
+FIT_SLACK_BYTES = 4096  # aim this far under the cap: the size rule is approximate
+# (b, 2k) costs about what (b - 1, k) does (spec 5.3): past 2x the configured sigma every MLP weight
+# has lost a bit, so the model is too big for the cap and no sigma should hide that.
+FIT_MAX_SIGMA_RATIO = 2.0
+
+
 def quantize_fit(sd: dict, hess: dict, h, budget: int, log, ledger, meta: dict | None = None) -> tuple:
     """GPTQ + serialize. While the blob exceeds `budget` bytes (and FIT_TO_CAP), raise the MLP clip
     sigma by the size rule H ~ bits - log2(k) (spec 5.3): MLP codes shrink by n/8 * log2(k'/k)
@@ -2831,13 +2843,6 @@ def quantize_fit(sd: dict, hess: dict, h, budget: int, log, ledger, meta: dict |
             f"requantizing with MLP_CLIP_SIGMAS {h.mlp_clip_sigmas:.3f} -> {k:.3f}")
         h = copy.copy(h)
         h.mlp_clip_sigmas = k
-
-
-FIT_TRIES = 3  # requantizations at most (each ~7 s GPTQ + ~7 s brotli on an H100)
-FIT_SLACK_BYTES = 4096  # aim this far under the cap: the size rule is approximate
-# (b, 2k) costs about what (b - 1, k) does (spec 5.3): past 2x the configured sigma every MLP weight
-# has lost a bit, so the model is too big for the cap and no sigma should hide that.
-FIT_MAX_SIGMA_RATIO = 2.0
 
 
 def code_room(code_path: str) -> int:
