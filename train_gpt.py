@@ -17,7 +17,6 @@ import glob
 import hashlib
 import inspect
 import json
-import lzma
 import math
 import os
 import platform
@@ -143,7 +142,6 @@ class Hyperparameters:
     lqer_rank: int = 4  # rank of each LQER correction
     lqer_top_k: int = 3  # how many tensors (largest quantization error) get one
     lqer_asym_group: int = 64  # int4 group size of the LQER B factor
-    compressor: str = "brotli"  # brotli (quality 11) | lzma (preset 9)
     fit_to_cap: bool = True  # over the cap: raise MLP_CLIP_SIGMAS (logged, bounded) and requantize
     save_prequant: bool = False  # also write the EMA float weights + config, final_model.pt (tools/ab.py)
     # evaluation (the score is phased LoRA TTT; see the Evaluation section)
@@ -178,8 +176,6 @@ class Hyperparameters:
             raise ValueError(f"ATTN_GATE={self.attn_gate!r}: use sparse, out, dense or none")
         if self.attn_backend not in ("auto", "fa3", "varlen", "flex", "sdpa"):
             raise ValueError(f"ATTN_BACKEND={self.attn_backend!r}: use auto, fa3, varlen, flex or sdpa")
-        if self.compressor not in ("brotli", "lzma"):
-            raise ValueError(f"COMPRESSOR={self.compressor!r}: use brotli or lzma")
         if self.model_dim % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError("MODEL_DIM must divide by NUM_HEADS, NUM_HEADS by NUM_KV_HEADS")
         if self.train_batch_tokens % 8 or (self.train_batch_tokens // 8) % 128:
@@ -208,7 +204,7 @@ class Hyperparameters:
         return self.train_batch_tokens // 8
 
     def config_hash(self, data_identity: str = "") -> str:  # same for every seed, data, any machine
-        cfg = {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_HASHED}
+        cfg = {**RETIRED_HASHED, **{k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_HASHED}}
         cfg["data"] = data_identity
         return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -218,6 +214,8 @@ class Hyperparameters:
 # knobs that only log or write (train_log_every, val_loss_every, save_prequant).
 NOT_HASHED = ("seed", "run_id", "data_path", "tokenizer_path", "artifact_dir", "eval_only",
               "train_log_every", "val_loss_every", "save_prequant")
+# Fields deleted since, hashed at the one value they could still take: a configuration keeps its hash.
+RETIRED_HASHED = {"compressor": "brotli"}
 # Every field in exactly one class (a test enforces it), for self-describing artifacts:
 # ARCH_FIELDS shape the model or what its weights went through: EVAL_ONLY takes them from the
 # artifact and an env var that disagrees is an error. EVAL_FIELDS shape the eval: the artifact's
@@ -249,7 +247,7 @@ RUN_FIELDS = (
     "muon_momentum", "muon_momentum_warmup_start", "muon_momentum_warmup_steps", "muon_wd", "beta2",
     "adam_wd", "embed_wd", "grad_clip_norm", "ema_decay", "gptq_calibration_batches", "matrix_bits",
     "embed_bits", "attn_clip_sigmas", "mlp_clip_sigmas", "embed_clip_sigmas", "matrix_clip_sigmas",
-    "lqer_enabled", "lqer_rank", "lqer_top_k", "lqer_asym_group", "compressor", "fit_to_cap",
+    "lqer_enabled", "lqer_rank", "lqer_top_k", "lqer_asym_group", "fit_to_cap",
     "save_prequant", "eval_only", "prequant_ttt_lr",
 )
 
@@ -315,6 +313,7 @@ RENAMED = {name: use for use, names in (
     ("nothing: LQER is always asymmetric (A int2, B int4 in LQER_ASYM_GROUP groups)",
      "LQER_ASYM_ENABLED LQER_FACTOR_BITS"),
     ("nothing: GPTQ always runs", "GPTQ_ENABLED"), ("EMA_DECAY (EMA is always on)", "EMA_ENABLED"),
+    ("nothing: the model is always brotli-11 (lzma -9 was 7% larger)", "COMPRESSOR"),
     ("EMA_DECAY (EMA replaced SWA and LAWA)", "SWA_ENABLED SWA_EVERY LAWA_ENABLED LAWA_K LAWA_FREQ"),
     ("nothing: no QAT here (GPTQ after training)", "QAT_ENABLED LATE_QAT_THRESHOLD"),
     ("nothing: every val document is scored", "VAL_TOKENS VAL_DOC_FRACTION TTT_EVAL_BATCHES"),
@@ -1522,7 +1521,7 @@ class EMA:
 
 ARTIFACT_CAP = 16_000_000  # code + compressed model bytes (decimal), the challenge's cap
 QUANT_MAGIC, QUANT_VERSION = b"PGQZ", 3  # 2: payload in parallel slices; 3: + configuration block
-COMPRESSORS = ("brotli", "lzma")
+BROTLI = 0  # the container's compressor byte (1 was lzma, retired)
 FP16_TINY = 2.0**-24  # smallest positive fp16; the spec's 1e-10 floor would round to 0 in fp16
 GPTQ_SUFFIXES = {  # weight name suffix -> tensor class (bits and clip sigma come from the class)
     "attn.c_q.weight": "attn", "attn.c_k.weight": "attn", "attn.c_v.weight": "attn",
@@ -1767,7 +1766,7 @@ def quantize_state_dict(sd: dict, hessians: dict, h, log=print) -> tuple:
 # (all c_q codes, then all c_k codes, ...), so each brotli block sees one distribution.
 # Measured on an 11 x 512, V 8192 model trained 170 s on an H100 (brotli blob 15.77 MB), against
 # a row-major, state-dict-order layout: column-major codes -331 KB (mlp.proj -255 KB, tok_emb
-# -71 KB, the rest within 4 KB), grouping by type -7 KB, fp16 byte planes -3 KB. lzma -9 is 7%
+# -71 KB, the rest within 4 KB), grouping by type -7 KB, fp16 byte planes -3 KB. lzma -9 was 7%
 # larger than brotli -11. Not used: the records' greedy L1 row reorder (at most -11 KB net, on
 # tok_emb only) and a stride-2 shuffle of the whole blob (+0.2% on a smaller model).
 
@@ -1819,27 +1818,23 @@ def tensor_from_bytes(buf: bytes, dtype: str, shape: list) -> torch.Tensor:
     return t.reshape(shape)
 
 
-def compress_payload(raw: bytes, compressor: str, pieces: int = 16) -> bytes:
-    """Compress `pieces` contiguous slices in parallel threads (brotli-11 runs ~0.2 MB/s on one
-    core and releases the GIL; slicing costs ~0.05 % of size). Layout: count, sizes, streams."""
-    if compressor not in COMPRESSORS:
-        raise ValueError(f"COMPRESSOR={compressor!r}: use brotli or lzma")
+def compress_payload(raw: bytes, pieces: int = 16) -> bytes:
+    """Brotli-11 on `pieces` contiguous slices in parallel threads (it runs ~0.2 MB/s on one core
+    and releases the GIL; slicing costs ~0.05 % of size). Layout: count, sizes, streams."""
     step = -(-len(raw) // pieces)
-    fn = (lambda b: brotli.compress(b, quality=11, lgwin=24)) if compressor == "brotli" else (
-        lambda b: lzma.compress(b, preset=9))
     with ThreadPoolExecutor(pieces) as pool:
-        streams = list(pool.map(fn, [raw[i:i + step] for i in range(0, len(raw), step)]))
+        streams = list(pool.map(lambda b: brotli.compress(b, quality=11, lgwin=24),
+                                [raw[i:i + step] for i in range(0, len(raw), step)]))
     sizes = np.array([len(s) for s in streams], dtype="<u4")
     return np.uint32(len(streams)).tobytes() + sizes.tobytes() + b"".join(streams)
 
 
-def decompress_payload(blob: bytes, compressor: str) -> bytes:
+def decompress_payload(blob: bytes) -> bytes:
     n = int(np.frombuffer(blob[:4], "<u4")[0])
     sizes = np.frombuffer(blob[4:4 + 4 * n], "<u4")
-    fn = brotli.decompress if compressor == "brotli" else lzma.decompress
     offsets = [4 + 4 * n] + (4 + 4 * n + np.cumsum(sizes, dtype=np.int64)).tolist()
     with ThreadPoolExecutor(n) as pool:
-        return b"".join(pool.map(lambda i: fn(blob[offsets[i]:offsets[i + 1]]), range(n)))
+        return b"".join(pool.map(lambda i: brotli.decompress(blob[offsets[i]:offsets[i + 1]]), range(n)))
 
 
 def serialize(qstate: dict, h, meta: dict | None = None) -> bytes:
@@ -1856,9 +1851,9 @@ def serialize(qstate: dict, h, meta: dict | None = None) -> bytes:
     index = json.dumps({"entries": entries, "records": records}, separators=(",", ":"))
     index = index.encode()
     raw = np.uint32(len(index)).tobytes() + index + b"".join(chunks)
-    payload = compress_payload(raw, h.compressor)
+    payload = compress_payload(raw)
     info = brotli.compress(json.dumps(meta or {}, sort_keys=True).encode(), quality=11)
-    head = QUANT_MAGIC + bytes([QUANT_VERSION, COMPRESSORS.index(h.compressor)])
+    head = QUANT_MAGIC + bytes([QUANT_VERSION, BROTLI])
     return head + hashlib.sha256(info + raw).digest()[:8] + np.uint32(len(info)).tobytes() + info + payload
 
 
@@ -1870,9 +1865,9 @@ def split_blob(blob: bytes) -> tuple:
         raise ValueError(f"quantized model format version {blob[4]} carries no configuration; this "
                          f"code reads version {QUANT_VERSION}: score it with the train_gpt.py that "
                          "wrote it, or retrain")
-    if blob[4] != QUANT_VERSION or blob[5] >= len(COMPRESSORS):
+    if blob[4] != QUANT_VERSION or blob[5] != BROTLI:
         raise ValueError(f"quantized model format {blob[4]}/{blob[5]}, this code reads "
-                         f"version {QUANT_VERSION} with compressor < {len(COMPRESSORS)}")
+                         f"version {QUANT_VERSION} with compressor {BROTLI} (brotli)")
     n = int(np.frombuffer(blob[14:18], "<u4")[0])
     return blob[18:18 + n], blob[18 + n:]
 
@@ -1885,7 +1880,7 @@ def read_meta(blob: bytes) -> dict:
 def deserialize(blob: bytes) -> dict:
     """Inverse of serialize(): the qstate (read_meta gives the configuration)."""
     info, payload = split_blob(blob)
-    raw = decompress_payload(payload, COMPRESSORS[blob[5]])
+    raw = decompress_payload(payload)
     if hashlib.sha256(info + raw).digest()[:8] != blob[6:14]:
         raise ValueError("quantized model payload is corrupted (checksum mismatch)")
     n = int(np.frombuffer(raw[:4], dtype="<u4")[0])

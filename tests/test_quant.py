@@ -22,7 +22,7 @@ from train_gpt import (  # noqa: E402
 def config(**kw):
     base = dict(matrix_bits=6, embed_bits=7, attn_clip_sigmas=13.0, mlp_clip_sigmas=11.5,
                 embed_clip_sigmas=14.0, matrix_clip_sigmas=12.85, lqer_enabled=True, lqer_rank=4,
-                lqer_top_k=3, lqer_asym_group=64, compressor="brotli")
+                lqer_top_k=3, lqer_asym_group=64)
     return types.SimpleNamespace(**{**base, **kw})
 
 
@@ -308,14 +308,13 @@ def assert_same_qstate(a, b):
                 assert v == b[name][k], (name, k)
 
 
-@pytest.mark.parametrize("compressor", ["brotli", "lzma"])
-def test_serialize_roundtrip_and_determinism(quantized, compressor):
+def test_serialize_roundtrip_and_determinism(quantized):
     _, qstate, _, _ = quantized
-    blob = serialize(qstate, config(compressor=compressor))
-    assert blob == serialize(qstate, config(compressor=compressor))
+    blob = serialize(qstate, config())
+    assert blob == serialize(qstate, config())
     back = deserialize(blob)
     assert_same_qstate(qstate, back)
-    assert serialize(back, config(compressor=compressor)) == blob
+    assert serialize(back, config()) == blob
 
 
 def test_serialize_odd_tensors():
@@ -351,12 +350,10 @@ def test_deserialize_rejects_bad_headers(quantized):
         deserialize(b"XXXX" + blob[4:])
     with pytest.raises(ValueError, match="version"):
         deserialize(blob[:4] + bytes([99]) + blob[5:])
-    with pytest.raises(ValueError, match="version"):
-        deserialize(blob[:5] + bytes([7]) + blob[6:])
+    with pytest.raises(ValueError, match="compressor 0"):  # 1 was lzma, retired
+        deserialize(blob[:5] + bytes([1]) + blob[6:])
     with pytest.raises(ValueError, match="checksum"):
         deserialize(blob[:6] + bytes([blob[6] ^ 1]) + blob[7:])
-    with pytest.raises(ValueError, match="COMPRESSOR"):
-        serialize(qstate, config(compressor="zstd"))
 
 
 def test_realistic_gptq_timing_cpu():
