@@ -483,23 +483,48 @@ class Logger:
             f.write(msg + "\n")
 
 
-class Ledger:
-    """Wall-clock seconds per named phase, so reviewers can apply any timing rule they choose."""
+class Timer:
+    """The run's one wall clock. `phases`: seconds per named phase, logged and in final_json, so
+    reviewers can apply any timing rule they choose. A stopwatch, restarted for the training clock
+    and again for the strict eval (against its budget), with pauses left out. Decisions read the
+    slowest rank (MAX), so every rank stops, switches or skips on the same step."""
 
-    def __init__(self, device: torch.device):
-        self.device, self.seconds = device, {}
+    def __init__(self, device: torch.device, budget: float = math.inf):
+        self.device, self.phases = device, {}
+        self.restart(budget)
+
+    def restart(self, budget: float = math.inf):
+        self.t0, self.paused, self.budget, self.reserve = time.perf_counter(), 0.0, budget, 0.0
 
     def sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def elapsed(self) -> float:  # this rank's seconds since restart(), pauses left out
+        self.sync()
+        return time.perf_counter() - self.t0 - self.paused
+
+    def slowest(self, extra: float = 0.0) -> float:  # elapsed (+ extra) of the slowest rank
+        t = torch.tensor([self.elapsed() + extra], device=self.device)
+        return all_reduce(t, dist.ReduceOp.MAX).item()
+
+    def left(self) -> float:
+        """Seconds of the budget left once the `reserve` (work that cannot be cut) is done."""
+        return self.budget - self.slowest(self.reserve)
+
+    def fits(self) -> bool:
+        return self.left() > 0
+
     @contextmanager
-    def phase(self, name: str):
+    def phase(self, name: str, pause: bool = False):
+        """Time a named phase; with `pause`, the stopwatch does not count it."""
         self.sync()
         t0 = time.perf_counter()
         yield
         self.sync()
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        self.phases[name] = self.phases.get(name, 0.0) + dt
+        self.paused += dt if pause else 0.0
 
 
 def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
@@ -2101,11 +2126,10 @@ class ScoreLedger:
     An event is (kind, clock, rows [n, 3] of (doc, start, end)). A "score" row: targets
     [start, end) were scored (doc -1 for sliding windows). An "update" row: the state stepped had
     consumed targets [doc start, end) of that doc (a TTT adapter holds its whole doc prefix).
-    Clocks are per rank and aligned (MAX) at every phase pause, so C3 holds across ranks.
-    `seconds` holds the eval's sub-phase times, merged into the run's timing Ledger."""
+    Clocks are per rank and aligned (MAX) at every phase pause, so C3 holds across ranks."""
 
     def __init__(self, num_targets: int, device, keep_nll: bool = False):
-        self.n, self.device, self.clock, self.events, self.seconds = num_targets, device, 0, [], {}
+        self.n, self.device, self.clock, self.events = num_targets, device, 0, []
         self.nll = torch.full((num_targets,), float("nan")) if keep_nll else None  # tools only
 
     def record(self, kind: str, rows, idx=None, nll=None, mask=None):
@@ -2322,28 +2346,6 @@ def chunks_of(docs, starts, ends, h) -> int:
     return -(-int((ends[real] - starts[real]).max()) // h.ttt_chunk_size)
 
 
-class EvalBudget:
-    """The strict eval (artifact load, eval warmup, diagnostic/sliding evals, TTT) must end within
-    EVAL_BUDGET_SECONDS: main() starts it before loading the artifact. Scoring cannot be cut (C4),
-    so global SGD is skipped or stopped when elapsed + projected remaining scoring would overrun.
-    Decisions take the MAX over ranks, so every rank agrees."""
-
-    def __init__(self, seconds: float, device):
-        self.seconds, self.device, self.t0, self.reserve = seconds, device, time.perf_counter(), 0.0
-
-    def elapsed(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter() - self.t0
-
-    def fits(self) -> bool:
-        return self.slowest(self.reserve) < self.seconds
-
-    def slowest(self, extra: float = 0.0) -> float:  # elapsed (+ extra) of the slowest rank
-        t = torch.tensor([self.elapsed() + extra], device=self.device)
-        return all_reduce(t, dist.ReduceOp.MAX).item()
-
-
 @dataclass
 class Progress:
     """One rank's TTT state: score sums, scored docs as (batch, position, doc), chunk steps done
@@ -2440,7 +2442,7 @@ def ttt_pause(model, val, starts, ends, bound, phase, prog: Progress, h, d, led,
     stream = torch.cat([val.tokens[starts[k]:ends[k] + (ends[k] == n)] for k in prefix]).to(d.device)
     steps = global_sgd(model, stream, h, d, budget, log, f"tttg phase:{phase + 1}")
     prog.sgd_s += budget.elapsed() - t0
-    led.seconds[f"ttt_phase{phase + 1}_global_sgd"] = budget.elapsed() - t0
+    budget.phases[f"ttt_phase{phase + 1}_global_sgd"] = budget.elapsed() - t0
     log(f"ttpp: phase:{phase + 1} docs:{prefix.size} tokens:{stream.numel()} sgd_steps:{steps} "
         f"t:{budget.elapsed():.1f}s")
 
@@ -2451,7 +2453,7 @@ def ttt_eval(model: GPT, val: ValData, h: Hyperparameters, d: Dist, led: ScoreLe
     without TTT_WARM_START_A) from a seed of the phase (batch), so ranks draw the same A."""
     starts, ends = find_docs(val.tokens, val.bos_id)
     queue, vd = ttt_queue(ends - starts, h.ttt_batch_size), on_device(val, d.device)
-    cuts, budget = phase_cuts(queue, h), budget or EvalBudget(h.eval_budget_seconds, d.device)
+    cuts, budget = phase_cuts(queue, h), budget or Timer(d.device, h.eval_budget_seconds)
     log(f"ttt_phased: docs:{starts.size} batches:{len(queue)} boundaries:{[b for _, b in cuts]} "
         f"pause_after_batch:{[c for c, _ in cuts]} world_size:{d.world_size}")
     model.requires_grad_(False)
@@ -2471,13 +2473,13 @@ def ttt_eval(model: GPT, val: ValData, h: Hyperparameters, d: Dist, led: ScoreLe
         if bound is not None:
             ttt_pause(model, val, starts, ends, bound, phase, prog, h, d, led, log, budget)
         begin = cut
-    led.seconds["ttt_lora_scoring"] = prog.scoring_s
+    budget.phases["ttt_lora_scoring"] = prog.scoring_s
     log(f"ttt done at eval clock {budget.elapsed():.1f}s (rank 0: LoRA scoring {prog.scoring_s:.1f}s, "
         f"global SGD {prog.sgd_s:.1f}s)")
     return reduce_score(*prog.acc)
 
 
-def log_ttt_batch(log, b: int, n: int, prog: Progress, budget: EvalBudget, lens):
+def log_ttt_batch(log, b: int, n: int, prog: Progress, budget: Timer, lens):
     s = Score(*prog.acc.tolist())  # this rank's running sums
     log(f"ttp: b{b + 1}/{n} dl:{lens.min()}-{lens.max()} rl:{s.loss:.4f} rb:{s.bpb:.4f} "
         f"t:{budget.elapsed():.1f}s")
@@ -2532,17 +2534,16 @@ def prequant_ttt(model: GPT, val: ValData, h: Hyperparameters, d: Dist, log):
         log(f"prequant_ttt: epoch {ep + 1}/{h.prequant_ttt_epochs} lr {lr:.2e}")
 
 
-def scored_eval(name: str, fn, model, val, h, d, log, ledger, starts, ends):
-    """Run one full eval with its own legality ledger; returns (Score, verdict)."""
+def scored_eval(name: str, fn, model, val, h, d, log, timer, starts, ends):
+    """Run one full eval with its own legality timer; returns (Score, verdict)."""
     led = ScoreLedger(val.num_targets, d.device)
     if h.prequant_ttt_epochs:
         mark_prequant(led, starts, ends)
-    with ledger.phase(name):
+    with timer.phase(name):
         score = fn(model, val, h, d, led, log)
-    ledger.seconds.update(led.seconds)  # sub-phases of `name` (already inside its time)
     checks = check_ledger(led, starts)
     log(f"{name} val_loss: {score.loss:.6f} val_bpb: {score.bpb:.6f} tokens {score.tokens} "
-        f"bytes {score.bytes} of {val.num_targets} targets ({ledger.seconds[name]:.1f}s) "
+        f"bytes {score.bytes} of {val.num_targets} targets ({timer.phases[name]:.1f}s) "
         f"C3:{'ok' if checks['C3'] else 'FAIL'} C4:{'ok' if checks['C4'] else 'FAIL'}")
     return score, verdict(checks, h, val.num_targets)
 
@@ -2574,42 +2575,41 @@ def precompile_eval(model: GPT, h: Hyperparameters, d: Dist, bos_id: int):
         torch.cuda.reset_peak_memory_stats()  # peak_mem_mib reports training, not this warmup
 
 
-def final_evaluation(model: GPT, val: ValData, h: Hyperparameters, d: Dist, log, ledger,
-                     budget: EvalBudget) -> dict:
+def final_evaluation(model: GPT, val: ValData, h: Hyperparameters, d: Dist, log, timer: Timer) -> dict:
     """Everything after training, on the model to score: compile warmup (random tokens), the
-    non-overlapping diagnostic, sliding windows and phased LoRA TTT, each with its C3/C4 ledger.
+    non-overlapping diagnostic, sliding windows and phased LoRA TTT, each with its C3/C4 timer.
     val_bpb is TTT's score, else sliding's, else the diagnostic's: a fixed precedence, never a
-    minimum over evals (that would be multi-pass selection, C4). `budget` runs from the start of
+    minimum over evals (that would be multi-pass selection, C4). `timer` runs from the start of
     the strict eval (the artifact load): TTT's global SGD gets what the earlier stages left."""
     scoring_state(model, h)
-    with ledger.phase("eval_warmup"):
+    with timer.phase("eval_warmup"):
         eval_warmup(model, h, d, val.bos_id)
-    log(f"eval_warmup: {ledger.seconds['eval_warmup']:.1f}s (random tokens, no val data)")
-    with ledger.phase("eval_diagnostic"):
+    log(f"eval_warmup: {timer.phases['eval_warmup']:.1f}s (random tokens, no val data)")
+    with timer.phase("eval_diagnostic"):
         score = eval_val(model, val, d, h.slot_tokens)
     log(f"eval_diagnostic val_loss: {score.loss:.6f} val_bpb: {score.bpb:.6f} tokens {score.tokens}")
     starts, ends = find_docs(val.tokens, val.bos_id)
     out, name, legal = dict(val_bpb_diagnostic=score.bpb, val_bpb_sliding=None), "eval_diagnostic", []
-    ttt = functools.partial(ttt_eval, budget=budget)
+    ttt = functools.partial(ttt_eval, budget=timer)
     for key, on, fn in (("eval_sliding", h.sliding_enabled, eval_sliding), ("eval_ttt", h.ttt_enabled, ttt)):
         if on:
-            score, v = scored_eval(key, fn, model, val, h, d, log, ledger, starts, ends)
+            score, v = scored_eval(key, fn, model, val, h, d, log, timer, starts, ends)
             name, legal = key, legal + [v]
             out["val_bpb_sliding" if key == "eval_sliding" else "val_bpb_ttt"] = score.bpb
-    return summarize(out, score, name, legal, log, ledger, budget)
+    return summarize(out, score, name, legal, log, timer)
 
 
-def summarize(out, score, name, legal, log, ledger, budget: EvalBudget) -> dict:
+def summarize(out, score, name, legal, log, timer: Timer) -> dict:
     legality = next((v for v in legal if v != "compliant"), "compliant")
-    strict = budget.slowest()
+    strict = timer.slowest()
     if legality != "compliant":
         log("!" * 100 + f"\n!!! NON-COMPLIANT evaluation: {legality}\n" + "!" * 100)
-    parts = ", ".join(f"{k} {v:.1f}s" for k, v in ledger.seconds.items())
-    log(f"eval timing: scoring only ({name}) {ledger.seconds[name]:.1f}s, strict total {strict:.1f}s "
+    parts = ", ".join(f"{k} {v:.1f}s" for k, v in timer.phases.items())
+    log(f"eval timing: scoring only ({name}) {timer.phases[name]:.1f}s, strict total {strict:.1f}s "
         f"(slowest rank, from the artifact load; {parts})")
     out.update(val_bpb=score.bpb, val_loss=score.loss, scored_by=name, tokens_scored=score.tokens,
-               bytes_scored=score.bytes, eval_time_s=ledger.seconds[name], eval_strict_s=strict,
-               legality=legality, timings={k: round(v, 2) for k, v in ledger.seconds.items()})
+               bytes_scored=score.bytes, eval_time_s=timer.phases[name], eval_strict_s=strict,
+               legality=legality, timings={k: round(v, 2) for k, v in timer.phases.items()})
     return out
 
 
@@ -2623,22 +2623,22 @@ def eval_only_hash(meta: dict, overrides: dict) -> str:
 
 
 def run_eval_only(h: Hyperparameters, meta: dict, overrides: dict, spec, d: Dist, val: ValData,
-                  backend: str, log, ledger) -> dict:
+                  backend: str, log, timer) -> dict:
     """EVAL_ONLY=path: no training; build the model the artifact describes, load it and score it."""
     log(f"eval_only: {h.eval_only} from run {meta['run_id']} config_hash {meta['config_hash']} "
         f"source_sha256 {meta['source_sha256'][:16]} data {meta['data']}")
     for name, (theirs, used) in overrides.items():
         log(f"eval_only: override {name}={used} (artifact: {theirs})")
     acc = artifact_accounting(h.eval_only, h, log)
-    budget = EvalBudget(h.eval_budget_seconds, d.device)  # the strict eval starts here
-    with ledger.phase("load"):
+    timer.restart(h.eval_budget_seconds)  # the strict eval starts here
+    with timer.phase("load"):
         model = load_artifact(h.eval_only, h, d, spec.bos_id, backend)
-    log(f"eval_only: loaded {h.eval_only} in {ledger.seconds['load']:.1f}s")
+    log(f"eval_only: loaded {h.eval_only} in {timer.phases['load']:.1f}s")
     final = run_record(h, d, spec, val, eval_only_hash(meta, overrides))
     final.update(artifact=h.eval_only, artifact_config_hash=meta["config_hash"],
                  artifact_run_id=meta["run_id"], eval_overrides={k: v[1] for k, v in overrides.items()},
                  **acc)
-    final.update(final_evaluation(model, val, h, d, log, ledger, budget))
+    final.update(final_evaluation(model, val, h, d, log, timer))
     return finish(final, h, log)
 
 
@@ -2692,25 +2692,6 @@ def compile_warmup(model: GPT, h: Hyperparameters, d: Dist, val_window: int) -> 
     model.looping = False
 
 
-class Clock:
-    """Training time in ms, synchronized across ranks (MAX) so decisions are collective."""
-
-    def __init__(self, d: Dist):
-        self.d, self.start, self.paused = d, time.perf_counter(), 0.0
-
-    def elapsed_ms(self) -> float:
-        if self.d.device.type == "cuda":
-            torch.cuda.synchronize(self.d.device)
-        t = torch.tensor([1000 * (time.perf_counter() - self.start - self.paused)], device=self.d.device)
-        return all_reduce(t, dist.ReduceOp.MAX if dist.is_initialized() else None).item()
-
-    @contextmanager
-    def pause(self):
-        t0 = time.perf_counter()
-        yield
-        self.paused += time.perf_counter() - t0
-
-
 def seq_span(frac: float, h: Hyperparameters) -> int:
     """Attention span of the step at training fraction `frac` (TRAIN_SEQ_SCHEDULE, PR #2014)."""
     return next((n for f, n in h.seq_plan if frac <= f), h.train_seq_len)
@@ -2721,18 +2702,19 @@ def rewarm(steps_since: int, h: Hyperparameters) -> float:
     return min(1.0, (steps_since + 1) / max(h.seq_change_warmup_steps, 1))
 
 
-def train(model: GPT, h: Hyperparameters, d: Dist, spec: DataSpec, val: ValData, log) -> dict:
+def train(model: GPT, h: Hyperparameters, d: Dist, spec: DataSpec, val: ValData, log, timer: Timer) -> dict:
     loader, opt = TrainLoader(spec.train_files, h.slot_tokens, d), Optimizers(model, d, h)
-    ema, clock = EMA(model, h.ema_decay, h.ema_warmup), Clock(d)
+    ema = EMA(model, h.ema_decay, h.ema_warmup)
+    timer.restart()  # the training clock
     # each rank collects Hessians on 8/world of the calibration slots (29.9 s on one H100)
-    cap_ms = 1000 * (h.max_wallclock_seconds - h.gptq_reserve_seconds * 8 / d.world_size)
-    step, loop_at, loop_ms, elapsed, span_at = 0, None, 0.0, 0.0, -h.seq_change_warmup_steps
+    cap_s = h.max_wallclock_seconds - h.gptq_reserve_seconds * 8 / d.world_size
+    step, loop_at, loop_s, elapsed, span_at = 0, None, 0.0, 0.0, -h.seq_change_warmup_steps
     while True:
-        frac = elapsed / cap_ms if h.max_wallclock_seconds > 0 else step / h.iterations
+        frac = elapsed / cap_s if h.max_wallclock_seconds > 0 else step / h.iterations
         if frac >= 1 or step >= h.iterations:
             break
         if not model.looping and h.num_loops > 0 and frac >= h.enable_looping_at:
-            model.looping, loop_at, loop_ms = True, step, elapsed
+            model.looping, loop_at, loop_s = True, step, elapsed
             log(f"layer_loop:enabled step:{step} frac:{frac:.3f} order:{model.layer_order(True)}")
         if seq_span(frac, h) != model.seq_len:  # progressive context (PR #2014), re-warm-up after a change
             model.seq_len, span_at = seq_span(frac, h), step if step else span_at
@@ -2742,24 +2724,24 @@ def train(model: GPT, h: Hyperparameters, d: Dist, spec: DataSpec, val: ValData,
         opt.zero_grad()
         ema.update()
         step += 1
-        elapsed = clock.elapsed_ms()
+        elapsed = timer.slowest()
         if step <= 5 or step % h.train_log_every == 0:
             loss = all_reduce(loss.reshape(1)) / d.world_size  # mean over all 8 slots of the step
-            log(f"{step}/{h.iterations} train_loss: {loss.item():.4f} train_time: {elapsed / 6e4:.2f}m "
-                f"step_avg: {elapsed / step:.1f}ms tok/s: {step * h.train_batch_tokens / elapsed * 1e3:.0f}")
+            log(f"{step}/{h.iterations} train_loss: {loss.item():.4f} train_time: {elapsed / 60:.2f}m "
+                f"step_avg: {1000 * elapsed / step:.1f}ms tok/s: {step * h.train_batch_tokens / elapsed:.0f}")
         if h.val_loss_every and step % h.val_loss_every == 0:
-            with clock.pause():
+            with timer.phase("eval_periodic", pause=True):
                 s = eval_val(model, val, d, h.slot_tokens)
             log(f"{step}/{h.iterations} val_loss: {s.loss:.4f} val_bpb: {s.bpb:.4f}")
-    cap = f"cap {cap_ms / 1000:.1f}s" if h.max_wallclock_seconds > 0 else f"ITERATIONS={h.iterations}, no time cap"
-    log(f"stopping: step {step} train_time {elapsed / 1000:.1f}s ({cap})")
+    cap = f"cap {cap_s:.1f}s" if h.max_wallclock_seconds > 0 else f"ITERATIONS={h.iterations}, no time cap"
+    log(f"stopping: step {step} train_time {elapsed:.1f}s ({cap})")
     raw = raw_eval(model, val, h, d, log)
     ema.copy_to_model()
-    pre_loop = loop_ms / loop_at if loop_at else elapsed / max(step, 1)
-    post_loop = (elapsed - loop_ms) / (step - loop_at) if loop_at is not None and step > loop_at else None
-    return dict(steps=step, train_time_s=elapsed / 1000, step_avg_ms=elapsed / max(step, 1),
+    pre_loop = 1000 * (loop_s / loop_at if loop_at else elapsed / max(step, 1))
+    post_loop = 1000 * (elapsed - loop_s) / (step - loop_at) if loop_at is not None and step > loop_at else None
+    return dict(steps=step, train_time_s=elapsed, step_avg_ms=1000 * elapsed / max(step, 1),
                 step_avg_ms_noloop=pre_loop, step_avg_ms_loop=post_loop, loop_start_step=loop_at,
-                tokens_per_s=step * h.train_batch_tokens / max(elapsed, 1e-9) * 1000,
+                tokens_per_s=step * h.train_batch_tokens / max(elapsed, 1e-12),
                 val_bpb_raw=raw.bpb, val_loss_raw=raw.loss)
 
 
@@ -2811,7 +2793,7 @@ FIT_SLACK_BYTES = 4096  # aim this far under the cap: the size rule is approxima
 FIT_MAX_SIGMA_RATIO = 2.0
 
 
-def quantize_fit(sd: dict, hess: dict, h, budget: int, log, ledger, meta: dict | None = None) -> tuple:
+def quantize_fit(sd: dict, hess: dict, h, budget: int, log, timer, meta: dict | None = None) -> tuple:
     """GPTQ + serialize. While the blob exceeds `budget` bytes (and FIT_TO_CAP), raise the MLP clip
     sigma by the size rule H ~ bits - log2(k) (spec 5.3): MLP codes shrink by n/8 * log2(k'/k)
     bytes. The record tuned k by hand to land just under the cap; this does it per run, at most
@@ -2819,9 +2801,9 @@ def quantize_fit(sd: dict, hess: dict, h, budget: int, log, ledger, meta: dict |
     n_mlp = sum(t.numel() for n, t in sd.items() if tensor_class(n, t) == "mlp")
     k_max = FIT_MAX_SIGMA_RATIO * h.mlp_clip_sigmas
     for attempt in range(FIT_TRIES + 1):
-        with ledger.phase("gptq_quantize"):
+        with timer.phase("gptq_quantize"):
             qstate, _ = quantize_state_dict(sd, hess, h, log)
-        with ledger.phase("serialize"):
+        with timer.phase("serialize"):
             blob = serialize(qstate, h, meta)  # stored_bytes moves every tensor to the CPU
         over = len(blob) - budget
         stop = ("it fits" if over <= 0 else "FIT_TO_CAP=0" if not h.fit_to_cap else
@@ -2850,20 +2832,20 @@ def code_room(code_path: str) -> int:
     return room
 
 
-def quantize_stage(model: GPT, spec: DataSpec, h, d, log, ledger, stats: dict) -> tuple:
+def quantize_stage(model: GPT, spec: DataSpec, h, d, log, timer, stats: dict) -> tuple:
     """Hessians (training data, inside the training budget), GPTQ, serialize, write."""
-    with ledger.phase("gptq_hessians"):
+    with timer.phase("gptq_hessians"):
         hess = collect_hessians(model, spec, h, d)
-    train_total = stats["train_time_s"] + ledger.seconds["gptq_hessians"]
+    train_total = stats["train_time_s"] + timer.phases["gptq_hessians"]
     cap = f" of {h.max_wallclock_seconds:.0f}s" if h.max_wallclock_seconds > 0 else " (no time cap)"
-    log(f"gptq: {len(hess)} hessians in {ledger.seconds['gptq_hessians']:.1f}s; training + "
+    log(f"gptq: {len(hess)} hessians in {timer.phases['gptq_hessians']:.1f}s; training + "
         f"hessians = {train_total:.1f}s{cap}")
     if h.max_wallclock_seconds and train_total > h.max_wallclock_seconds:
         log(f"WARNING: training data was read for {train_total:.1f}s, past the "
             f"{h.max_wallclock_seconds:.0f}s budget: raise GPTQ_RESERVE_SECONDS")
     sd = {k: v.detach().float() for k, v in model.state_dict().items()}
     budget = code_room(os.path.abspath(__file__))
-    blob, mlp_sigmas = quantize_fit(sd, hess, h, budget, log, ledger, artifact_meta(h, spec.identity))
+    blob, mlp_sigmas = quantize_fit(sd, hess, h, budget, log, timer, artifact_meta(h, spec.identity))
     path = os.path.join(h.artifact_dir, "final_model.ptz")
     if d.is_main:
         os.makedirs(h.artifact_dir, exist_ok=True)
@@ -2874,15 +2856,15 @@ def quantize_stage(model: GPT, spec: DataSpec, h, d, log, ledger, stats: dict) -
     if dist.is_initialized():
         dist.barrier()
     return path, dict(train_plus_hessians_s=train_total, mlp_clip_sigmas_used=mlp_sigmas,
-                      quant_time_s=ledger.seconds["gptq_hessians"] + ledger.seconds["gptq_quantize"],
-                      serialize_time_s=ledger.seconds["serialize"])
+                      quant_time_s=timer.phases["gptq_hessians"] + timer.phases["gptq_quantize"],
+                      serialize_time_s=timer.phases["serialize"])
 
 
-def logged_eval(name: str, model: GPT, val: ValData, h, d, log, ledger) -> Score:
-    with ledger.phase(name):
+def logged_eval(name: str, model: GPT, val: ValData, h, d, log, timer) -> Score:
+    with timer.phase(name):
         score = eval_val(model, val, d, h.slot_tokens)
     log(f"{name} val_loss: {score.loss:.6f} val_bpb: {score.bpb:.6f} targets {score.tokens} "
-        f"bytes {score.bytes} ({ledger.seconds[name]:.1f}s)")
+        f"bytes {score.bytes} ({timer.phases[name]:.1f}s)")
     if score.tokens != val.num_targets:
         raise RuntimeError(f"{name}: scored {score.tokens} of {val.num_targets} val targets")
     return score
@@ -2895,11 +2877,11 @@ def setup(h: Hyperparameters):
     backend = pick_attention_backend(torch.device("cuda" if torch.cuda.is_available() else "cpu"),
                                      h.attn_backend, h)
     d = init_distributed(h)
-    log, ledger = Logger(h.run_id, d.is_main), Ledger(d.device)
+    log, timer = Logger(h.run_id, d.is_main), Timer(d.device)
     val = load_val_data(spec, h)
     log_header(log, h, d, spec, val, backend)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return spec, d, log, ledger, val, backend
+    return spec, d, log, timer, val, backend
 
 
 # Loop-off tokens/s per GPU at the record configuration (flex attention, bench-pack shards):
@@ -2992,40 +2974,40 @@ def finish(final: dict, h: Hyperparameters, log) -> dict:
     return final
 
 
-def train_and_score(h: Hyperparameters, spec, d: Dist, log, ledger, val: ValData, backend: str) -> dict:
+def train_and_score(h: Hyperparameters, spec, d: Dist, log, timer, val: ValData, backend: str) -> dict:
     model = GPT(h, spec.bos_id, backend).to(d.device)
     log(f"model_params: {sum(p.numel() for p in model.parameters())}")
     if d.device.type == "cuda":
         compile_model(model)
-    with ledger.phase("compile_warmup"):
+    with timer.phase("compile_warmup"):
         compile_warmup(model, h, d, h.slot_tokens)
-    with ledger.phase("compile_eval"):
+    with timer.phase("compile_eval"):
         if d.device.type == "cuda":
             precompile_eval(model, h, d, spec.bos_id)
-    log(f"compile_warmup: train {ledger.seconds['compile_warmup']:.1f}s, eval "
-        f"{ledger.seconds['compile_eval']:.1f}s (synthetic tokens, before the training clock)")
+    log(f"compile_warmup: train {timer.phases['compile_warmup']:.1f}s, eval "
+        f"{timer.phases['compile_eval']:.1f}s (synthetic tokens, before the training clock)")
     graphs = [compiled_graphs()]
-    stats = train(model, h, d, spec, val, log)
+    stats = train(model, h, d, spec, val, log, timer)
     graphs.append(compiled_graphs())
     if d.device.type == "cuda":
         throughput_check(stats, h, d.world_size, torch.cuda.get_device_name(d.device), log)
     if h.prequant_ttt_epochs:  # ILLEGAL research mode (C3): stamped in final_json
-        with ledger.phase("prequant_ttt"):
+        with timer.phase("prequant_ttt"):
             prequant_ttt(model, val, h, d, log)
     stats["peak_mem_mib"] = (torch.cuda.max_memory_allocated(d.device) // 2**20
                              if d.device.type == "cuda" else None)
-    path, qstats = quantize_stage(model, spec, h, d, log, ledger, stats)
-    prequant = logged_eval("eval_prequant", model, val, h, d, log, ledger)
+    path, qstats = quantize_stage(model, spec, h, d, log, timer, stats)
+    prequant = logged_eval("eval_prequant", model, val, h, d, log, timer)
     log(f"pre-quant val_bpb: raw weights {stats['val_bpb_raw']:.6f}, EMA {prequant.bpb:.6f}")
     acc = artifact_accounting(path, h, log)
-    budget = EvalBudget(h.eval_budget_seconds, d.device)  # the strict eval starts here
-    with ledger.phase("load"):
+    timer.restart(h.eval_budget_seconds)  # the strict eval starts here
+    with timer.phase("load"):
         qmodel = load_artifact(path, h, d, spec.bos_id, backend)
         qmodel.looping = model.looping
     del model
     final = run_record(h, d, spec, val, h.config_hash(spec.identity))
     final.update(val_bpb_prequant=prequant.bpb, **stats, **qstats, **acc)
-    final.update(final_evaluation(qmodel, val, h, d, log, ledger, budget))  # diagnostic/sliding/TTT
+    final.update(final_evaluation(qmodel, val, h, d, log, timer))  # diagnostic/sliding/TTT
     final["val_bpb_quant"] = final["val_bpb_diagnostic"]
     final["compiled_graphs"] = log_graphs(graphs + [compiled_graphs()], log)
     if acc["artifact_bytes"] > ARTIFACT_CAP:
@@ -3049,13 +3031,13 @@ def main():
     h, meta, overrides = load_config(), {}, {}
     if h.eval_only:
         meta, h, overrides = eval_only_config(h)
-    spec, d, log, ledger, val, backend = setup(h)
+    spec, d, log, timer, val, backend = setup(h)
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
     if h.eval_only:  # no training; score a saved artifact (mode "eval_only")
-        final = run_eval_only(h, meta, overrides, spec, d, val, backend, log, ledger)
+        final = run_eval_only(h, meta, overrides, spec, d, val, backend, log, timer)
     else:
-        final = train_and_score(h, spec, d, log, ledger, val, backend)
+        final = train_and_score(h, spec, d, log, timer, val, backend)
     if dist.is_initialized():
         dist.destroy_process_group()
     if not h.eval_only and final["artifact_bytes"] > ARTIFACT_CAP:

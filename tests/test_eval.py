@@ -189,9 +189,9 @@ def test_ledger_checker():
 
 def test_final_evaluation_stamps_prequant_ttt():
     h, val = tiny(PREQUANT_TTT_EPOCHS=1, SLIDING_ENABLED=0), legality.synthetic_val()
-    model, ledger = legality.random_model(h), tg.Ledger(CPU.device)
+    model, timer = legality.random_model(h), tg.Timer(CPU.device, 600.0)
     tg.prequant_ttt(model, val, h, CPU, quiet)
-    out = tg.final_evaluation(model, val, h, CPU, quiet, ledger, tg.EvalBudget(600.0, CPU.device))
+    out = tg.final_evaluation(model, val, h, CPU, quiet, timer)
     assert out["legality"] == "C3: pre-quant TTT trained on val before scoring"
     assert "mode" not in out and out["scored_by"] == "eval_ttt"  # mode stays train; legality says it
     assert out["tokens_scored"] == val.num_targets and out["val_bpb_sliding"] is None

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from train_gpt import (  # noqa: E402
     FP16_TINY, clip_range, dequantize_groups, dequantize_state_dict, deserialize, gptq_quantize,
-    Ledger, lqer_factors, lqer_reconstruct, quantize_fit, quantize_groups, quantize_state_dict,
+    Timer, lqer_factors, lqer_reconstruct, quantize_fit, quantize_groups, quantize_state_dict,
     rtn_quantize, sdclip_scale, serialize,
 )
 
@@ -234,16 +234,16 @@ def test_fit_to_cap_raises_mlp_sigma_until_the_blob_fits():
     """A budget 3% under the default size is met by requantizing with a larger MLP clip sigma;
     with FIT_TO_CAP off the oversized blob comes back unchanged (the run then fails at the cap)."""
     sd = toy_state_dict(d=128)
-    hess, quiet, ledger = toy_hessians(sd), (lambda *a: None), Ledger(torch.device("cpu"))
+    hess, quiet, timer = toy_hessians(sd), (lambda *a: None), Timer(torch.device("cpu"))
     h = config(fit_to_cap=True)
-    base, k0 = quantize_fit(sd, hess, h, 10**9, quiet, ledger)
-    assert k0 == 11.5 and ledger.seconds["gptq_quantize"] > 0 and ledger.seconds["serialize"] > 0
+    base, k0 = quantize_fit(sd, hess, h, 10**9, quiet, timer)
+    assert k0 == 11.5 and timer.phases["gptq_quantize"] > 0 and timer.phases["serialize"] > 0
     budget, lines = int(len(base) * 0.97), []
-    blob, k = quantize_fit(sd, hess, h, budget, lines.append, ledger)
+    blob, k = quantize_fit(sd, hess, h, budget, lines.append, timer)
     assert len(blob) <= budget and k > 11.5 and h.mlp_clip_sigmas == 11.5  # caller's h untouched
     assert any(line.startswith("fit_to_cap:") for line in lines)
     assert deserialize(blob).keys() == sd.keys()
-    same, k1 = quantize_fit(sd, hess, config(fit_to_cap=False), budget, quiet, ledger)
+    same, k1 = quantize_fit(sd, hess, config(fit_to_cap=False), budget, quiet, timer)
     assert same == base and k1 == 11.5
 
 
@@ -251,8 +251,8 @@ def test_fit_to_cap_sigma_search_is_bounded_and_says_why():
     """Code alone over the cap once drove MLP_CLIP_SIGMAS 11.5 -> 106,384 -> 6.8e7 -> 4.0e10: the
     search stops at FIT_MAX_SIGMA_RATIO x the configured sigma and logs why."""
     sd = toy_state_dict()
-    hess, ledger, lines = toy_hessians(sd), Ledger(torch.device("cpu")), []
-    blob, k = quantize_fit(sd, hess, config(fit_to_cap=True), -10**6, lines.append, ledger)
+    hess, timer, lines = toy_hessians(sd), Timer(torch.device("cpu")), []
+    blob, k = quantize_fit(sd, hess, config(fit_to_cap=True), -10**6, lines.append, timer)
     fit = [line for line in lines if line.startswith("fit_to_cap")]
     assert k == 2 * 11.5 and len(fit) == 2 and deserialize(blob).keys() == sd.keys()
     assert "-> 23.000" in fit[0] and fit[1].startswith("fit_to_cap: stopped (MLP_CLIP_SIGMAS reached its bound")

@@ -154,7 +154,7 @@ def test_raw_eval_is_logged_and_changes_nothing(smoke_dir, tmp_path, monkeypatch
     torch.manual_seed(0)
     model = tg.GPT(h, spec.bos_id, "sdpa")
     lines = []
-    stats = tg.train(model, h, CPU, spec, val, lines.append)
+    stats = tg.train(model, h, CPU, spec, val, lines.append, tg.Timer(CPU.device))
     (raw_weights, score), = calls
     assert stats["val_bpb_raw"] == score.bpb and stats["val_loss_raw"] == score.loss
     assert any(line.startswith("eval_raw (pre-EMA weights) val_loss") for line in lines)
