@@ -516,14 +516,16 @@ class Timer:
         return self.left() > 0
 
     @contextmanager
-    def phase(self, name: str, pause: bool = False):
-        """Time a named phase; with `pause`, the stopwatch does not count it."""
+    def phase(self, name: str | None, pause: bool = False):
+        """Add the block's seconds to phases[name] (None: to no phase); with `pause`, keep them off
+        the stopwatch."""
         self.sync()
         t0 = time.perf_counter()
         yield
         self.sync()
         dt = time.perf_counter() - t0
-        self.phases[name] = self.phases.get(name, 0.0) + dt
+        if name:
+            self.phases[name] = self.phases.get(name, 0.0) + dt
         self.paused += dt if pause else 0.0
 
 
@@ -536,6 +538,15 @@ def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
 def source_text() -> str:
     """The readable source that is running (a packed launcher passes it in as __source__)."""
     return globals().get("__source__") or open(__file__, encoding="utf-8").read()
+
+
+def source_sha256() -> str:
+    return hashlib.sha256(source_text().encode()).hexdigest()
+
+
+def banner(msg: str) -> str:
+    """A warning no reader of the log can miss."""
+    return "!" * 100 + "\n!!! " + msg + "\n" + "!" * 100
 
 
 def environment_report(d: Dist) -> str:
@@ -743,6 +754,14 @@ def load_val_data(spec: DataSpec, h: Hyperparameters) -> ValData:
                         f"manifest.json says {spec.scored_bytes} (corrupt sidecar or changed byte LUT)")
     return ValData(torch.from_numpy(tokens.astype(np.int64)), torch.from_numpy(target_bytes),
                    spec.bos_id)
+
+
+def synthetic_tokens(n: int, vocab_size: int, bos_id: int, doc_len: int, gen) -> torch.Tensor:
+    """n random ids other than BOS with a BOS every `doc_len`: warms compiled graphs, no data read."""
+    t = torch.randint(0, vocab_size - 1, (n,), generator=gen)
+    t += (t >= bos_id).long()
+    t[::doc_len] = bos_id
+    return t
 
 
 class TrainLoader:
@@ -1354,6 +1373,14 @@ def compile_model(model: GPT) -> None:
         setattr(model, name, torch.compile(getattr(model, name), fullgraph=True, dynamic=False))
 
 
+@contextmanager
+def weights_restored(model: nn.Module):
+    """Compile warmups take real steps on synthetic tokens; the weights go back afterwards."""
+    initial = copy.deepcopy(model.state_dict())
+    yield
+    model.load_state_dict(initial)
+
+
 # ------------------------------------------------------------------------------------------------
 # Optimizer
 # Muon for the block matrices: Nesterov momentum, row normalization (MuonEq-R), 5 Polar Express
@@ -1924,7 +1951,7 @@ def artifact_meta(h: Hyperparameters, data_identity: str) -> dict:
     source that wrote it and the data it was trained on."""
     return dict(config={k: getattr(h, k) for k in ARCH_FIELDS + EVAL_FIELDS},
                 config_hash=h.config_hash(data_identity), data=data_identity, run_id=h.run_id,
-                source_sha256=hashlib.sha256(source_text().encode()).hexdigest())
+                source_sha256=source_sha256())
 
 
 def artifact_config(h: Hyperparameters, meta: dict) -> tuple:
@@ -2063,23 +2090,6 @@ def reduce_score(nll: torch.Tensor, nbytes: torch.Tensor, ntok: torch.Tensor) ->
     return Score(t[0].item(), int(t[1].item()), int(t[2].item()))
 
 
-@torch.no_grad()
-def eval_val(model: GPT, val: ValData, d: Dist, window: int) -> Score:
-    """Non-overlapping diagnostic eval: the stream cut into windows of `window` tokens (documents
-    still attend only within themselves), windows dealt round-robin to ranks."""
-    n, dev = val.num_targets, d.device
-    acc = torch.zeros(3, dtype=torch.float64, device=dev)
-    for w in range(d.rank, -(-n // window), d.world_size):
-        s, e = w * window, min(w * window + window, n)
-        x = torch.zeros(window, dtype=torch.long)
-        y = torch.zeros(window, dtype=torch.long)
-        x[:e - s], y[:e - s] = val.tokens[s:e], val.tokens[s + 1:e + 1]
-        nll = model(x[None].to(dev), y[None].to(dev))[0, :e - s]
-        acc += torch.stack([nll.double().sum(), val.target_bytes[s:e].sum().to(dev).double(),
-                            torch.tensor(e - s, device=dev, dtype=torch.float64)])
-    return reduce_score(*acc)
-
-
 def on_device(val: ValData, device) -> ValData:
     return ValData(val.tokens.to(device), val.target_bytes.to(device), val.bos_id)
 
@@ -2128,15 +2138,12 @@ class ScoreLedger:
     consumed targets [doc start, end) of that doc (a TTT adapter holds its whole doc prefix).
     Clocks are per rank and aligned (MAX) at every phase pause, so C3 holds across ranks."""
 
-    def __init__(self, num_targets: int, device, keep_nll: bool = False):
+    def __init__(self, num_targets: int, device):
         self.n, self.device, self.clock, self.events = num_targets, device, 0, []
-        self.nll = torch.full((num_targets,), float("nan")) if keep_nll else None  # tools only
 
-    def record(self, kind: str, rows, idx=None, nll=None, mask=None):
+    def record(self, kind: str, rows):
         self.clock += 1
         self.events.append((kind, self.clock, np.asarray(rows, np.int64).reshape(-1, 3)))
-        if self.nll is not None and nll is not None:
-            self.nll[idx[mask].cpu()] = nll.detach()[mask].float().cpu()
 
     def sync(self):
         t = torch.tensor([self.clock], device=self.device)
@@ -2183,27 +2190,26 @@ def check_ledger(led: ScoreLedger, starts: np.ndarray) -> dict:
     return dict(C3=late == 0, C4=bool((count == 1).all()), scored=int(count.sum()), late_updates=late)
 
 
-def mark_prequant(led: ScoreLedger, starts, ends):
-    """Pre-quant TTT trained on every val target before any score: one update event first."""
-    led.record("update", np.stack([np.arange(starts.size), starts, ends], 1))
-
-
-def verdict(checks: dict, h: Hyperparameters, n: int) -> str:
-    if not checks["C3"]:
-        if h.prequant_ttt_epochs:
-            return "C3: pre-quant TTT trained on val before scoring"
-        return f"C3: {checks['late_updates']} optimizer steps used tokens before they were scored"
-    if not checks["C4"]:
-        return f"C4: {checks['scored']} scores for {n} targets, not each exactly once"
-    return "compliant"
-
-
 def account(led: ScoreLedger, tbytes, nll, idx, scored, rows) -> torch.Tensor:
     """Record scored targets in the ledger; return their (nll, bytes, count) sums."""
     nll = nll.detach()
-    led.record("score", rows, idx, nll, scored)
+    led.record("score", rows)
     m = scored.double()
     return torch.stack([(nll.double() * m).sum(), (tbytes[idx].double() * m).sum(), m.sum()])
+
+
+@torch.no_grad()
+def eval_val(model: GPT, val: ValData, h: Hyperparameters, d: Dist, led: ScoreLedger, log) -> Score:
+    """Non-overlapping diagnostic eval: the stream cut into windows of one training slot
+    (documents still attend only within themselves), one per forward, dealt round-robin to ranks."""
+    n, L, vd = val.num_targets, h.slot_tokens, on_device(val, d.device)
+    acc = torch.zeros(3, dtype=torch.float64, device=d.device)
+    for w in range(d.rank, -(-n // L), d.world_size):
+        ws = np.array([w * L])
+        we = np.minimum(ws + L, n)
+        x, y, idx, scored = window_rows(vd.tokens, ws, we, ws, 1, L)
+        acc += account(led, vd.target_bytes, model(x, y), idx, scored, np.stack([[-1], ws, we], 1))
+    return reduce_score(*acc)
 
 
 # Sliding windows (spec 6.2): every target once, each after at least L - stride tokens of its
@@ -2306,29 +2312,24 @@ def chunk_plan(docs, starts, ends, c: int, h: Hyperparameters) -> dict:
     return dict(doc=docs, s=s, ws=ws, cs=np.where(live, cs, 0), ce=ce, live=live, step=live & (ce < e))
 
 
-def ttt_chunk(model, lora, opt, vd: ValData, p: dict, h, led, score_after_update=False):
+def ttt_chunk(model, lora, opt, vd: ValData, p: dict, h, led):
     """Score the chunk's targets with the current adapters, THEN one AdamW step on the sum over
     documents of their mean chunk loss (documents with later chunks only)."""
     L = ttt_bucket(int((p["ce"] - p["ws"]).max()), h.ttt_eval_seq_len)
     x, y, idx, scored = window_rows(vd.tokens, p["ws"], p["ce"], p["cs"], h.ttt_batch_size, L)
     nll = model(x, y, lora_view(lora, model.compute_dtype))
     score_rows = np.stack([p["doc"], p["cs"], p["ce"]], 1)[p["live"]]
-    if not score_after_update:
-        sums = account(led, vd.target_bytes, nll, idx, scored, score_rows)
+    sums = account(led, vd.target_bytes, nll, idx, scored, score_rows)
     if p["step"].any():
         w = to_device(p["step"].astype(np.float32), nll.device)
         ((nll * scored).sum(1) / scored.sum(1).clamp_min(1) * w).sum().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         led.record("update", np.stack([p["doc"], p["s"], p["ce"]], 1)[p["step"]])
-    if score_after_update:  # TEST ONLY (tools/legality.py --variant score-after-update): illegal
-        with torch.no_grad():
-            nll = model(x, y, lora_view(lora, model.compute_dtype))
-        sums = account(led, vd.target_bytes, nll, idx, scored, score_rows)
     return sums
 
 
-def ttt_batch(model, lora, docs, starts, ends, vd, h, led, score_after_update=False):
+def ttt_batch(model, lora, docs, starts, ends, vd, h, led):
     """One batch: fresh optimizer state (B was zeroed by the caller), chunks in order."""
     params = [t for ab in lora_pairs(lora) for t in ab]
     opt = torch.optim.AdamW(params, lr=h.ttt_lora_lr, betas=(TTT_BETA1, h.ttt_beta2),
@@ -2336,8 +2337,7 @@ def ttt_batch(model, lora, docs, starts, ends, vd, h, led, score_after_update=Fa
     docs = np.pad(docs, (0, h.ttt_batch_size - docs.size), constant_values=-1)
     sums = torch.zeros(3, dtype=torch.float64, device=vd.tokens.device)
     for c in range(chunks_of(docs, starts, ends, h)):
-        sums += ttt_chunk(model, lora, opt, vd, chunk_plan(docs, starts, ends, c, h), h, led,
-                          score_after_update)
+        sums += ttt_chunk(model, lora, opt, vd, chunk_plan(docs, starts, ends, c, h), h, led)
     return sums
 
 
@@ -2448,7 +2448,7 @@ def ttt_pause(model, val, starts, ends, bound, phase, prog: Progress, h, d, led,
 
 
 def ttt_eval(model: GPT, val: ValData, h: Hyperparameters, d: Dist, led: ScoreLedger, log,
-             score_after_update: bool = False, budget=None) -> Score:
+             budget=None) -> Score:
     """Phased LoRA TTT: the score of the record. A is redrawn at each phase start (and each batch
     without TTT_WARM_START_A) from a seed of the phase (batch), so ranks draw the same A."""
     starts, ends = find_docs(val.tokens, val.bos_id)
@@ -2465,7 +2465,7 @@ def ttt_eval(model: GPT, val: ValData, h: Hyperparameters, d: Dist, led: ScoreLe
         t0 = budget.elapsed()
         for b in range(begin + d.rank, cut, d.world_size):
             reset_lora(lora, None if h.ttt_warm_start_a else h.seed * 1000003 + b)
-            sums = ttt_batch(model, lora, queue[b], starts, ends, vd, h, led, score_after_update)
+            sums = ttt_batch(model, lora, queue[b], starts, ends, vd, h, led)
             prog.add_batch(b, queue[b], sums, steps[b])
             if prog.batches % max(1, len(queue) // (20 * d.world_size)) == 0:
                 log_ttt_batch(log, b, len(queue), prog, budget, ends[queue[b]] - starts[queue[b]])
@@ -2485,45 +2485,38 @@ def log_ttt_batch(log, b: int, n: int, prog: Progress, budget: Timer, lens):
         f"t:{budget.elapsed():.1f}s")
 
 
-# Compile warmup, research mode, and the entry points main() calls.
-
-
-def synthetic_val(h: Hyperparameters, bos_id: int, n_docs: int, doc_len: int, seed=1234) -> ValData:
-    """Random tokens (never val data) with a BOS every `doc_len` tokens, one byte per target."""
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randint(0, h.vocab_size - 1, (n_docs * doc_len + 1,), generator=g)
-    t += (t >= bos_id).long()
-    t[::doc_len] = bos_id
-    return ValData(t, torch.ones(t.numel() - 1, dtype=torch.long), bos_id)
+# Compile warmup, the research mode, and the one scoring step every eval goes through.
 
 
 def eval_warmup(model: GPT, h: Hyperparameters, d: Dist, bos_id: int):
     """Compile every eval graph (diagnostic, sliding, LoRA fwd+bwd at each length bucket, global
     SGD) on random tokens, then restore the weights. LoRA TTT runs as world size 1 on every rank
     so that each rank compiles it; the rest runs on all ranks with their real shapes."""
-    initial = copy.deepcopy(model.state_dict())
-    fake = synthetic_val(h, bos_id, h.ttt_batch_size, h.ttt_eval_seq_len + h.ttt_chunk_size + 1)
+    doc, gen = h.ttt_eval_seq_len + h.ttt_chunk_size + 1, torch.Generator().manual_seed(1234)
+    tokens = synthetic_tokens(h.ttt_batch_size * doc + 1, h.vocab_size, bos_id, doc, gen)
+    fake = ValData(tokens, torch.ones(tokens.numel() - 1, dtype=torch.long), bos_id)
     quiet, led = lambda *a, **k: None, ScoreLedger(fake.num_targets, d.device)
     solo = Dist(0, 1, d.local_rank, d.device)  # collectives still run, identically on all ranks
-    with torch.no_grad():
-        eval_val(model, fake, solo, h.slot_tokens)
-    if h.sliding_enabled:
-        eval_sliding(model, fake, h, solo, led, quiet)
-    if h.ttt_enabled:  # global SGD first: torch 2.13 crashes explaining a recompile from a
-        # LoRA graph to a graph without adapters (it looks up lora['k'] in the new call's None)
-        stream = synthetic_val(h, bos_id, 4, h.global_ttt_chunk_tokens // 2 + 1).tokens
-        global_sgd(model, stream.to(d.device), h, d, None, quiet, "warmup")
-        ttt_eval(model, fake, dataclasses.replace(h, phased_ttt_num_phases=0), solo, led, quiet)
-    model.load_state_dict(initial)
+    with weights_restored(model):
+        eval_val(model, fake, h, solo, led, quiet)
+        if h.sliding_enabled:
+            eval_sliding(model, fake, h, solo, led, quiet)
+        if h.ttt_enabled:  # global SGD first: torch 2.13 crashes explaining a recompile from a
+            # LoRA graph to a graph without adapters (it looks up lora['k'] in the new call's None)
+            doc = h.global_ttt_chunk_tokens // 2 + 1
+            stream = synthetic_tokens(4 * doc + 1, h.vocab_size, bos_id, doc, gen.manual_seed(1234))
+            global_sgd(model, stream.to(d.device), h, d, None, quiet, "warmup")
+            ttt_eval(model, fake, dataclasses.replace(h, phased_ttt_num_phases=0), solo, led, quiet)
 
 
 def prequant_ttt(model: GPT, val: ValData, h: Hyperparameters, d: Dist, log):
     """ILLEGAL research mode (PR #1376 ... #1735/#1738): AdamW on every weight over the val tokens
-    for PREQUANT_TTT_EPOCHS epochs (LR cosine over epochs), before quantization and scoring. All
-    later scores come from a model trained on their targets: C3 fails, and final_evaluation
-    stamps legality "C3: ..." and mode "prequant_ttt"."""
-    log("!" * 100 + "\n!!! NON-COMPLIANT: PREQUANT_TTT_EPOCHS>0 trains on val before scoring "
-        "(C3). Research only, never a record.\n" + "!" * 100)
+    for PREQUANT_TTT_EPOCHS epochs (LR cosine over epochs), before quantization and scoring. Every
+    later score comes from a model trained on its targets: evaluate() opens each ledger with that
+    update, so C3 fails and the run is stamped "C3: pre-quant TTT ..." (the flag is an ARCH field:
+    the artifact keeps it)."""
+    log(banner("NON-COMPLIANT: PREQUANT_TTT_EPOCHS>0 trains on val before scoring (C3). Research only, "
+               "never a record."))
     stream, ct = val.tokens.to(d.device), h.global_ttt_chunk_tokens
     opt = torch.optim.AdamW(model.parameters(), lr=h.prequant_ttt_lr, weight_decay=0.0)
     model.requires_grad_(True)
@@ -2534,18 +2527,25 @@ def prequant_ttt(model: GPT, val: ValData, h: Hyperparameters, d: Dist, log):
         log(f"prequant_ttt: epoch {ep + 1}/{h.prequant_ttt_epochs} lr {lr:.2e}")
 
 
-def scored_eval(name: str, fn, model, val, h, d, log, timer, starts, ends):
-    """Run one full eval with its own legality timer; returns (Score, verdict)."""
-    led = ScoreLedger(val.num_targets, d.device)
-    if h.prequant_ttt_epochs:
-        mark_prequant(led, starts, ends)
+def evaluate(name: str, fn, model: GPT, val: ValData, h: Hyperparameters, d: Dist, log, timer: Timer) -> tuple:
+    """One scoring pass `fn` (eval_val, eval_sliding or ttt_eval) over the val stream, in its own
+    timer phase and C3/C4 ledger. Returns (Score, legality): "compliant" or what failed."""
+    starts, ends = find_docs(val.tokens, val.bos_id)
+    led, before = ScoreLedger(val.num_targets, d.device), timer.phases.get(name, 0.0)
+    if h.prequant_ttt_epochs:  # prequant_ttt trained on every target before this pass
+        led.record("update", np.stack([np.arange(starts.size), starts, ends], 1))
     with timer.phase(name):
         score = fn(model, val, h, d, led, log)
-    checks = check_ledger(led, starts)
-    log(f"{name} val_loss: {score.loss:.6f} val_bpb: {score.bpb:.6f} tokens {score.tokens} "
-        f"bytes {score.bytes} of {val.num_targets} targets ({timer.phases[name]:.1f}s) "
-        f"C3:{'ok' if checks['C3'] else 'FAIL'} C4:{'ok' if checks['C4'] else 'FAIL'}")
-    return score, verdict(checks, h, val.num_targets)
+    c = check_ledger(led, starts)
+    log(f"{name} val_loss: {score.loss:.6f} val_bpb: {score.bpb:.6f} tokens {score.tokens} bytes {score.bytes} "
+        f"of {val.num_targets} targets ({timer.phases[name] - before:.1f}s) C3:{'ok' if c['C3'] else 'FAIL'} "
+        f"C4:{'ok' if c['C4'] else 'FAIL'}")
+    if not c["C3"]:
+        return score, ("C3: pre-quant TTT trained on val before scoring" if h.prequant_ttt_epochs else
+                       f"C3: {c['late_updates']} optimizer steps used tokens before they were scored")
+    if not c["C4"]:
+        return score, f"C4: {c['scored']} scores for {val.num_targets} targets, not each exactly once"
+    return score, "compliant"
 
 
 def scoring_state(model: GPT, h: Hyperparameters):
@@ -2577,7 +2577,7 @@ def precompile_eval(model: GPT, h: Hyperparameters, d: Dist, bos_id: int):
 
 def final_evaluation(model: GPT, val: ValData, h: Hyperparameters, d: Dist, log, timer: Timer) -> dict:
     """Everything after training, on the model to score: compile warmup (random tokens), the
-    non-overlapping diagnostic, sliding windows and phased LoRA TTT, each with its C3/C4 timer.
+    non-overlapping diagnostic, sliding windows and phased LoRA TTT, each through evaluate().
     val_bpb is TTT's score, else sliding's, else the diagnostic's: a fixed precedence, never a
     minimum over evals (that would be multi-pass selection, C4). `timer` runs from the start of
     the strict eval (the artifact load): TTT's global SGD gets what the earlier stages left."""
@@ -2585,61 +2585,22 @@ def final_evaluation(model: GPT, val: ValData, h: Hyperparameters, d: Dist, log,
     with timer.phase("eval_warmup"):
         eval_warmup(model, h, d, val.bos_id)
     log(f"eval_warmup: {timer.phases['eval_warmup']:.1f}s (random tokens, no val data)")
-    with timer.phase("eval_diagnostic"):
-        score = eval_val(model, val, d, h.slot_tokens)
-    log(f"eval_diagnostic val_loss: {score.loss:.6f} val_bpb: {score.bpb:.6f} tokens {score.tokens}")
-    starts, ends = find_docs(val.tokens, val.bos_id)
-    out, name, legal = dict(val_bpb_diagnostic=score.bpb, val_bpb_sliding=None), "eval_diagnostic", []
-    ttt = functools.partial(ttt_eval, budget=timer)
-    for key, on, fn in (("eval_sliding", h.sliding_enabled, eval_sliding), ("eval_ttt", h.ttt_enabled, ttt)):
+    out, legal = dict(val_bpb_sliding=None), []
+    for name, on, fn in (("eval_diagnostic", True, eval_val), ("eval_sliding", h.sliding_enabled, eval_sliding),
+                         ("eval_ttt", h.ttt_enabled, functools.partial(ttt_eval, budget=timer))):
         if on:
-            score, v = scored_eval(key, fn, model, val, h, d, log, timer, starts, ends)
-            name, legal = key, legal + [v]
-            out["val_bpb_sliding" if key == "eval_sliding" else "val_bpb_ttt"] = score.bpb
-    return summarize(out, score, name, legal, log, timer)
-
-
-def summarize(out, score, name, legal, log, timer: Timer) -> dict:
-    legality = next((v for v in legal if v != "compliant"), "compliant")
-    strict = timer.slowest()
+            (score, verdict), scored_by = evaluate(name, fn, model, val, h, d, log, timer), name
+            out["val_bpb_" + name.removeprefix("eval_")], legal = score.bpb, legal + [verdict]
+    legality, strict = next((v for v in legal if v != "compliant"), "compliant"), timer.slowest()
     if legality != "compliant":
-        log("!" * 100 + f"\n!!! NON-COMPLIANT evaluation: {legality}\n" + "!" * 100)
+        log(banner(f"NON-COMPLIANT evaluation: {legality}"))
     parts = ", ".join(f"{k} {v:.1f}s" for k, v in timer.phases.items())
-    log(f"eval timing: scoring only ({name}) {timer.phases[name]:.1f}s, strict total {strict:.1f}s "
+    log(f"eval timing: scoring only ({scored_by}) {timer.phases[scored_by]:.1f}s, strict total {strict:.1f}s "
         f"(slowest rank, from the artifact load; {parts})")
-    out.update(val_bpb=score.bpb, val_loss=score.loss, scored_by=name, tokens_scored=score.tokens,
-               bytes_scored=score.bytes, eval_time_s=timer.phases[name], eval_strict_s=strict,
+    out.update(val_bpb=score.bpb, val_loss=score.loss, scored_by=scored_by, tokens_scored=score.tokens,
+               bytes_scored=score.bytes, eval_time_s=timer.phases[scored_by], eval_strict_s=strict,
                legality=legality, timings={k: round(v, 2) for k, v in timer.phases.items()})
     return out
-
-
-def eval_only_hash(meta: dict, overrides: dict) -> str:
-    """The artifact's config hash, or, with eval fields overridden, a hash of both."""
-    changed = {k: v[1] for k, v in overrides.items() if k.lower() not in NOT_HASHED}
-    if not changed:
-        return meta["config_hash"]
-    text = json.dumps([meta["config_hash"], changed], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def run_eval_only(h: Hyperparameters, meta: dict, overrides: dict, spec, d: Dist, val: ValData,
-                  backend: str, log, timer) -> dict:
-    """EVAL_ONLY=path: no training; build the model the artifact describes, load it and score it."""
-    log(f"eval_only: {h.eval_only} from run {meta['run_id']} config_hash {meta['config_hash']} "
-        f"source_sha256 {meta['source_sha256'][:16]} data {meta['data']}")
-    for name, (theirs, used) in overrides.items():
-        log(f"eval_only: override {name}={used} (artifact: {theirs})")
-    acc = artifact_accounting(h.eval_only, h, log)
-    timer.restart(h.eval_budget_seconds)  # the strict eval starts here
-    with timer.phase("load"):
-        model = load_artifact(h.eval_only, h, d, spec.bos_id, backend)
-    log(f"eval_only: loaded {h.eval_only} in {timer.phases['load']:.1f}s")
-    final = run_record(h, d, spec, val, eval_only_hash(meta, overrides))
-    final.update(artifact=h.eval_only, artifact_config_hash=meta["config_hash"],
-                 artifact_run_id=meta["run_id"], eval_overrides={k: v[1] for k, v in overrides.items()},
-                 **acc)
-    final.update(final_evaluation(model, val, h, d, log, timer))
-    return finish(final, h, log)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2650,15 +2611,11 @@ def run_eval_only(h: Hyperparameters, meta: dict, overrides: dict, spec, d: Dist
 # ------------------------------------------------------------------------------------------------
 
 
-def synthetic_batches(h: Hyperparameters, d: Dist, gen: torch.Generator) -> list:
-    """Random tokens with BOS every ~300 tokens: warms the compiled graphs without any real data."""
-    out = []
-    for _ in range(d.grad_accum):
-        row = torch.randint(4, h.vocab_size, (h.slot_tokens + 1,), generator=gen)
-        row[torch.rand(row.numel(), generator=gen) < 1 / 300] = 1
-        row = row.to(d.device)
-        out.append((row[None, :-1], row[None, 1:]))
-    return out
+def synthetic_batches(h: Hyperparameters, d: Dist, bos_id: int, gen: torch.Generator) -> list:
+    """One step's micro-batches of synthetic tokens in documents of 300 tokens."""
+    rows = [synthetic_tokens(h.slot_tokens + 1, h.vocab_size, bos_id, 300, gen).to(d.device)
+            for _ in range(d.grad_accum)]
+    return [(row[None, :-1], row[None, 1:]) for row in rows]
 
 
 def forward_backward(model: GPT, batches: list) -> torch.Tensor:
@@ -2673,22 +2630,19 @@ def forward_backward(model: GPT, batches: list) -> torch.Tensor:
 def compile_warmup(model: GPT, h: Hyperparameters, d: Dist, val_window: int) -> None:
     """Run every graph variant (loop off/on, each TRAIN_SEQ_SCHEDULE span, train and eval) on
     synthetic tokens, then restore the initial weights; the optimizers used here are thrown away."""
-    initial = copy.deepcopy(model.state_dict())
     opt, gen = Optimizers(model, d, h), torch.Generator().manual_seed(1234)
     spans = sorted({n for _, n in h.seq_plan} - {h.train_seq_len}) + [h.train_seq_len]
-    for looping in (False, True):
-        model.looping = looping
-        for span in spans:  # the varlen kernels take the span: a graph each; the last warms the steps
-            model.seq_len, last = span, span == h.train_seq_len
-            for _ in range(h.warmup_steps if last else 2):
-                forward_backward(model, synthetic_batches(h, d, gen))
+    with weights_restored(model):
+        for model.looping, span in [(looping, span) for looping in (False, True) for span in spans]:
+            model.seq_len, last = span, span == h.train_seq_len  # varlen kernels take the span: a graph each
+            for _ in range(h.warmup_steps if last else 2):  # the last span also warms the optimizer step
+                forward_backward(model, synthetic_batches(h, d, model.bos_id, gen))
                 if last:
                     opt.step(1.0, h.muon_momentum_warmup_start)
                 opt.zero_grad()
             with torch.no_grad():
-                x, y = synthetic_batches(h, d, gen)[0]
+                x, y = synthetic_batches(h, d, model.bos_id, gen)[0]
                 model(x[:, :val_window], y[:, :val_window])
-    model.load_state_dict(initial)
     model.looping = False
 
 
@@ -2730,12 +2684,11 @@ def train(model: GPT, h: Hyperparameters, d: Dist, spec: DataSpec, val: ValData,
             log(f"{step}/{h.iterations} train_loss: {loss.item():.4f} train_time: {elapsed / 60:.2f}m "
                 f"step_avg: {1000 * elapsed / step:.1f}ms tok/s: {step * h.train_batch_tokens / elapsed:.0f}")
         if h.val_loss_every and step % h.val_loss_every == 0:
-            with timer.phase("eval_periodic", pause=True):
-                s = eval_val(model, val, d, h.slot_tokens)
-            log(f"{step}/{h.iterations} val_loss: {s.loss:.4f} val_bpb: {s.bpb:.4f}")
+            with timer.phase(None, pause=True):  # off the training clock
+                evaluate("eval_periodic", eval_val, model, val, h, d, log, timer)
     cap = f"cap {cap_s:.1f}s" if h.max_wallclock_seconds > 0 else f"ITERATIONS={h.iterations}, no time cap"
     log(f"stopping: step {step} train_time {elapsed:.1f}s ({cap})")
-    raw = raw_eval(model, val, h, d, log)
+    raw = raw_eval(model, val, h, d, log, timer)
     ema.copy_to_model()
     pre_loop = 1000 * (loop_s / loop_at if loop_at else elapsed / max(step, 1))
     post_loop = 1000 * (elapsed - loop_s) / (step - loop_at) if loop_at is not None and step > loop_at else None
@@ -2745,17 +2698,13 @@ def train(model: GPT, h: Hyperparameters, d: Dist, spec: DataSpec, val: ValData,
                 val_bpb_raw=raw.bpb, val_loss_raw=raw.loss)
 
 
-def raw_eval(model: GPT, val: ValData, h: Hyperparameters, d: Dist, log) -> Score:
+def raw_eval(model: GPT, val: ValData, h: Hyperparameters, d: Dist, log, timer: Timer) -> Score:
     """Diagnostic score of the raw (pre-EMA) weights at the last step, after the training clock
     stopped (the record logs it). No gradients and frozen weights, as in precompile_eval, so the
     eval graphs compiled there serve it; nothing in the model or the EMA changes."""
-    t0 = time.perf_counter()
     model.requires_grad_(False)
-    with torch.no_grad():
-        score = eval_val(model, val, d, h.slot_tokens)
+    score, _ = evaluate("eval_raw", eval_val, model, val, h, d, log, timer)
     model.requires_grad_(True)
-    log(f"eval_raw (pre-EMA weights) val_loss: {score.loss:.6f} val_bpb: {score.bpb:.6f} "
-        f"({time.perf_counter() - t0:.1f}s)")
     return score
 
 
@@ -2765,14 +2714,13 @@ def raw_eval(model: GPT, val: ValData, h: Hyperparameters, d: Dist, log) -> Scor
 
 
 def log_header(log, h: Hyperparameters, d: Dist, spec: DataSpec, val: ValData, backend: str):
-    src = source_text()
-    log(f"source_sha256: {hashlib.sha256(src.encode()).hexdigest()}")
-    log(src, console=False)
+    log(f"source_sha256: {source_sha256()}")
+    log(source_text(), console=False)
     log(environment_report(d), console=False)
     log("Hyperparameters:")
     for k, v in sorted(dataclasses.asdict(h).items()):
         log(f"  {k}: {v}")
-    if not h.eval_only:  # an eval-only run reports the artifact's (run_eval_only)
+    if not h.eval_only:  # an eval-only run reports the artifact's (eval_only)
         log(f"config_hash: {h.config_hash(spec.identity)}")
     log(f"data: variant {spec.variant} byte_source {spec.byte_source} train_shards "
         f"{len(spec.train_files)} val_tokens {val.tokens.numel()} val_targets {val.num_targets} "
@@ -2781,9 +2729,9 @@ def log_header(log, h: Hyperparameters, d: Dist, spec: DataSpec, val: ValData, b
     fused = "Triton (MLP, CE) when taking gradients" if triton is not None and d.device.type == "cuda" else "none"
     log(f"world_size {d.world_size} grad_accum {d.grad_accum} attention {backend} fused kernels {fused}")
     if d.device.type == "cuda" and backend != "fa3":
-        log("!" * 100 + "\n!!! FlashAttention-3 (flash_attn_interface) is not used: attention runs on "
-            f"PyTorch's {backend} path.\n!!! Same math, slower steps: fewer steps fit the cap, so the "
-            "score is not record-comparable.\n" + "!" * 100)
+        log(banner("FlashAttention-3 (flash_attn_interface) is not used: attention runs on PyTorch's "
+                   f"{backend} path.\n!!! Same math, slower steps: fewer steps fit the cap, so the score is "
+                   "not record-comparable."))
 
 
 FIT_TRIES = 3  # requantizations at most (each ~7 s GPTQ + ~7 s brotli on an H100)
@@ -2858,16 +2806,6 @@ def quantize_stage(model: GPT, spec: DataSpec, h, d, log, timer, stats: dict) ->
     return path, dict(train_plus_hessians_s=train_total, mlp_clip_sigmas_used=mlp_sigmas,
                       quant_time_s=timer.phases["gptq_hessians"] + timer.phases["gptq_quantize"],
                       serialize_time_s=timer.phases["serialize"])
-
-
-def logged_eval(name: str, model: GPT, val: ValData, h, d, log, timer) -> Score:
-    with timer.phase(name):
-        score = eval_val(model, val, d, h.slot_tokens)
-    log(f"{name} val_loss: {score.loss:.6f} val_bpb: {score.bpb:.6f} targets {score.tokens} "
-        f"bytes {score.bytes} ({timer.phases[name]:.1f}s)")
-    if score.tokens != val.num_targets:
-        raise RuntimeError(f"{name}: scored {score.tokens} of {val.num_targets} val targets")
-    return score
 
 
 def setup(h: Hyperparameters):
@@ -2955,18 +2893,29 @@ def data_blockers(data: dict) -> list:
     return []
 
 
-def run_record(h: Hyperparameters, d: Dist, spec: DataSpec, val: ValData, config_hash: str) -> dict:
-    """The keys every final_json starts with (tools read them)."""
+def score_artifact(path: str, h: Hyperparameters, d: Dist, spec: DataSpec, val: ValData, backend: str,
+                   log, timer: Timer) -> dict:
+    """The strict eval of training and EVAL_ONLY runs alike: count the artifact's bytes, then from
+    the load (EVAL_BUDGET_SECONDS runs from here) to the last score."""
+    acc = artifact_accounting(path, h, log)
+    timer.restart(h.eval_budget_seconds)
+    with timer.phase("load"):
+        model = load_artifact(path, h, d, spec.bos_id, backend)
+    log(f"load: {path} in {timer.phases['load']:.1f}s")
+    return {**acc, **final_evaluation(model, val, h, d, log, timer)}
+
+
+def final_record(h: Hyperparameters, d: Dist, spec: DataSpec, val: ValData, config_hash: str, log,
+                 **parts) -> dict:
+    """The final_json of any run: what ran where on which data (tools read these keys), the run's
+    `parts`, and whether it can back a record."""
     mode = "eval_only" if h.eval_only else "smoke" if h.smoke else "train"
     gpu = torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu"
     data = dict(variant=spec.variant, train_shards=len(spec.train_files), val_targets=val.num_targets,
                 manifest_sha256=spec.manifest_sha256, identity=spec.identity)
-    return dict(run_id=h.run_id, seed=h.seed, mode=mode, env_overrides=h.env_overrides,
-                config_hash=config_hash, source_sha256=hashlib.sha256(source_text().encode()).hexdigest(),
-                world_size=d.world_size, gpu=gpu, torch_version=torch.__version__, data=data)
-
-
-def finish(final: dict, h: Hyperparameters, log) -> dict:
+    final = dict(run_id=h.run_id, seed=h.seed, mode=mode, env_overrides=h.env_overrides,
+                 config_hash=config_hash, source_sha256=source_sha256(), world_size=d.world_size, gpu=gpu,
+                 torch_version=torch.__version__, data=data, **parts)
     why = record_blockers(final, h)
     final.update(record_eligible=not why, not_record_because=why)
     log("record_eligible: " + (f"no ({'; '.join(why)})" if why else "yes"))
@@ -2974,7 +2923,7 @@ def finish(final: dict, h: Hyperparameters, log) -> dict:
     return final
 
 
-def train_and_score(h: Hyperparameters, spec, d: Dist, log, timer, val: ValData, backend: str) -> dict:
+def train_and_score(h: Hyperparameters, spec, d: Dist, log, timer: Timer, val: ValData, backend: str) -> dict:
     model = GPT(h, spec.bos_id, backend).to(d.device)
     log(f"model_params: {sum(p.numel() for p in model.parameters())}")
     if d.device.type == "cuda":
@@ -2997,22 +2946,33 @@ def train_and_score(h: Hyperparameters, spec, d: Dist, log, timer, val: ValData,
     stats["peak_mem_mib"] = (torch.cuda.max_memory_allocated(d.device) // 2**20
                              if d.device.type == "cuda" else None)
     path, qstats = quantize_stage(model, spec, h, d, log, timer, stats)
-    prequant = logged_eval("eval_prequant", model, val, h, d, log, timer)
+    prequant, _ = evaluate("eval_prequant", eval_val, model, val, h, d, log, timer)
     log(f"pre-quant val_bpb: raw weights {stats['val_bpb_raw']:.6f}, EMA {prequant.bpb:.6f}")
-    acc = artifact_accounting(path, h, log)
-    timer.restart(h.eval_budget_seconds)  # the strict eval starts here
-    with timer.phase("load"):
-        qmodel = load_artifact(path, h, d, spec.bos_id, backend)
-        qmodel.looping = model.looping
     del model
-    final = run_record(h, d, spec, val, h.config_hash(spec.identity))
-    final.update(val_bpb_prequant=prequant.bpb, **stats, **qstats, **acc)
-    final.update(final_evaluation(qmodel, val, h, d, log, timer))  # diagnostic/sliding/TTT
-    final["val_bpb_quant"] = final["val_bpb_diagnostic"]
-    final["compiled_graphs"] = log_graphs(graphs + [compiled_graphs()], log)
-    if acc["artifact_bytes"] > ARTIFACT_CAP:
-        final["legality"] = f"artifact {acc['artifact_bytes']} B over the {ARTIFACT_CAP} B cap"
-    return finish(final, h, log)
+    scored = score_artifact(path, h, d, spec, val, backend, log, timer)
+    scored.update(val_bpb_quant=scored["val_bpb_diagnostic"],
+                  compiled_graphs=log_graphs(graphs + [compiled_graphs()], log))
+    if scored["artifact_bytes"] > ARTIFACT_CAP:
+        scored["legality"] = f"artifact {scored['artifact_bytes']} B over the {ARTIFACT_CAP} B cap"
+    return final_record(h, d, spec, val, h.config_hash(spec.identity), log, val_bpb_prequant=prequant.bpb,
+                        **stats, **qstats, **scored)
+
+
+def eval_only(h: Hyperparameters, meta: dict, overrides: dict, spec, d: Dist, val: ValData, backend: str,
+              log, timer: Timer) -> dict:
+    """EVAL_ONLY=path: no training; build the model the artifact describes, load it and score it.
+    Its config hash is the artifact's, or, with eval fields overridden, a hash of both."""
+    log(f"eval_only: {h.eval_only} from run {meta['run_id']} config_hash {meta['config_hash']} "
+        f"source_sha256 {meta['source_sha256'][:16]} data {meta['data']}")
+    for name, (theirs, used) in overrides.items():
+        log(f"eval_only: override {name}={used} (artifact: {theirs})")
+    changed = {k: v[1] for k, v in overrides.items() if k.lower() not in NOT_HASHED}
+    config_hash = meta["config_hash"] if not changed else hashlib.sha256(
+        json.dumps([meta["config_hash"], changed], sort_keys=True).encode()).hexdigest()[:16]
+    scored = score_artifact(h.eval_only, h, d, spec, val, backend, log, timer)
+    return final_record(h, d, spec, val, config_hash, log, artifact=h.eval_only,
+                        artifact_config_hash=meta["config_hash"], artifact_run_id=meta["run_id"],
+                        eval_overrides={k: v[1] for k, v in overrides.items()}, **scored)
 
 
 def eval_only_config(h: Hyperparameters) -> tuple:
@@ -3035,7 +2995,7 @@ def main():
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
     if h.eval_only:  # no training; score a saved artifact (mode "eval_only")
-        final = run_eval_only(h, meta, overrides, spec, d, val, backend, log, timer)
+        final = eval_only(h, meta, overrides, spec, d, val, backend, log, timer)
     else:
         final = train_and_score(h, spec, d, log, timer, val, backend)
     if dist.is_initialized():

@@ -73,7 +73,7 @@ def bench(batch_tokens: int, steps: int, d, backend: str):
     data = os.environ.get("BENCH_DATA")  # real documents: attention work depends on doc lengths
     if data:
         loader = tg.TrainLoader(tg.token_shards(data, "train"), h.slot_tokens, d)
-    next_batch = loader.next_step if data else (lambda: tg.synthetic_batches(h, d, gen))
+    next_batch = loader.next_step if data else (lambda: tg.synthetic_batches(h, d, 1, gen))
     for looping in (False, True):
         model.looping = looping
         batches = [next_batch() for _ in range(steps)]
