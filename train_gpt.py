@@ -138,7 +138,7 @@ class Hyperparameters:
     mlp_clip_sigmas: float = 11.5  # the same for MLP matrices (FIT_TO_CAP may raise it)
     embed_clip_sigmas: float = 14.0  # the same for the tied embedding
     matrix_clip_sigmas: float = 12.85  # any other large matrix
-    lqer_enabled: bool = True  # low-rank correction of the worst-quantized tensors
+    lqer_enabled: bool = True  # low-rank correction of the worst-quantized tensors (LQER, PR #1797)
     lqer_rank: int = 4  # rank of each LQER correction
     lqer_top_k: int = 3  # how many tensors (largest quantization error) get one
     lqer_asym_group: int = 64  # int4 group size of the LQER B factor
@@ -567,7 +567,7 @@ def environment_report(d: Dist) -> str:
 # Data and bits-per-byte accounting
 # Shards: 256 int32 header (magic, version, count) + uint16 tokens. Documents are BOS + tokens, no
 # EOS. The byte denominator comes from the data manifest: the tokenizer's piece table for plain
-# SentencePiece data, the per-token sidecar of original UTF-8 bytes for transformed (CaseOps) data.
+# SentencePiece data, the per-token sidecar of original UTF-8 bytes for CaseOps data (PR #1729).
 # Every val target gets its byte count once, up front, so every eval path divides by the same sum.
 # ------------------------------------------------------------------------------------------------
 
@@ -997,9 +997,9 @@ class Attention(nn.Module):
         self.c_q, self.c_k, self.c_v = CastedLinear(d, d), CastedLinear(d, kv), CastedLinear(d, kv)
         self.proj = CastedLinear(d, d, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
-        if h.attn_gate == "dense":  # Qwen-style headwise gate, ~0.5 at init
+        if h.attn_gate == "dense":  # Qwen-style headwise gate (PR #1736), ~0.5 at init
             self.attn_gate_w = nn.Parameter(torch.randn(h.num_heads, d) * 0.005)
-        elif h.attn_gate in ("sparse", "out"):  # zero init: 0.5 (sparse) or exactly 1 (out)
+        elif h.attn_gate in ("sparse", "out"):  # sparse PR #1787, out PR #1667; 0.5 or exactly 1 at init
             self.attn_gate_w = nn.Parameter(torch.zeros(h.num_heads, h.gate_window))
 
     def gate(self, y, n):
@@ -1033,7 +1033,7 @@ class Attention(nn.Module):
         q = apply_rope(q, cos, sin, self.h.rope_dims) * self.q_gain.to(q.dtype)[:, None]
         k = apply_rope(k, cos, sin, self.h.rope_dims)
         y = attention(q, k, v, seg, backend)
-        # XSA: remove from each head the component along its own token's (normalized) value
+        # XSA (#198 lineage; all layers #478/#1019): drop each head's component along its own value
         yg = y.view(B, T, self.kv_heads, self.heads // self.kv_heads, self.hd)
         vn = F.normalize(v, dim=-1)[:, :, :, None, :]
         y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, self.heads, self.hd)
@@ -1159,7 +1159,7 @@ if triton is not None:
 
 class FusedMLP(torch.autograd.Function):
     """act(x W1^T) W2^T with the activation and its derivative fused into Triton matmul epilogues;
-    pre and post activations are saved instead of recomputed (the record's fused MLP)."""
+    pre and post activations are saved instead of recomputed (the fused MLP of PR #1530)."""
 
     @staticmethod
     def forward(ctx, x, w1, w2, slope: float):
@@ -1203,8 +1203,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """A sequential block, or (physical layer >= parallel_start_layer) a two-lane parallel block:
-    attention reads lane 0 (mixed with x0), the MLP reads lane 1, both lanes get both outputs."""
+    """A sequential block, or (physical layer >= parallel_start_layer) a two-lane parallel block
+    (PR #1529): attention reads lane 0 (mixed with x0), the MLP reads lane 1, both lanes get both."""
 
     def __init__(self, h: Hyperparameters, layer: int):
         super().__init__()
@@ -1212,7 +1212,7 @@ class Block(nn.Module):
         self.attn, self.mlp, self.parallel = Attention(h), MLP(h), layer >= h.parallel_start_layer
         self.attn_scale, self.mlp_scale = nn.Parameter(torch.ones(d)), nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)]))
-        self.register_buffer("ln_scale", torch.tensor(1 / math.sqrt(layer + 1)), persistent=False)
+        self.register_buffer("ln_scale", torch.tensor(1 / math.sqrt(layer + 1)), persistent=False)  # PR #315
         if self.parallel:
             self.lane_resid = nn.Parameter(torch.full((2,), 1.1))
             self.lane_post = nn.Parameter(torch.ones(2, 2))
@@ -1241,7 +1241,7 @@ def final_norm(lane0, lane1):
 
 class SoftcapCE(torch.autograd.Function):
     """Per-row NLL of softcapped logits in one Triton pass over the bf16 logits, forward and
-    backward (the record's fused CE): no fp32 copy of the [rows, vocab] logits is stored.
+    backward (the fused CE of PR #1787): no fp32 copy of the [rows, vocab] logits is stored.
     caps: None, or AsymLogit's (positive, negative) caps, which then get their gradient too."""
 
     @staticmethod
@@ -1308,7 +1308,7 @@ class GPT(nn.Module):
         return layers[:h.loop_start] + loop * (h.num_loops + 1) + layers[h.loop_end + 1:]
 
     def embed(self, idx):
-        """Token embedding, SmearGate (never across a BOS: the BOS fix), then RMSNorm."""
+        """Token embedding, SmearGate (PR #1667; never across a BOS: the fix of PR #1851), RMSNorm."""
         e = self.tok_emb(idx).to(self.compute_dtype)
         if self.h.smear_gate_enabled:
             w = self.smear_w.to(e.dtype)
@@ -1449,7 +1449,7 @@ class Muon:
             g = st["grad"] * clip
             st["buf"].mul_(momentum).add_(g)
             u = g + momentum * st["buf"]  # Nesterov
-            u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-7)  # MuonEq-R row normalization
+            u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-7)  # MuonEq-R rows (PR #1217)
             update = orthogonalize(u, MUON_BACKEND_STEPS) * math.sqrt(max(1, shape[0] / shape[1]))
             full = all_gather_cat(update, self.d)[:len(ps)]  # drop the padding of the stack
             torch._foreach_mul_(ps, 1 - lr * self.h.muon_wd)
@@ -1567,8 +1567,9 @@ class EMA:
 # ------------------------------------------------------------------------------------------------
 # Quantization and packing
 # After training: Hessians from training data, GPTQ with per-row std clipping (int6 matrices, int7
-# embedding), LQER low-rank fixes on the worst tensors, int8 gate rows, fp16 control tensors, then a
-# deterministic container compressed with brotli. The score is taken on the model read back from it.
+# embedding; PR #1394), LQER low-rank fixes on the worst tensors (PR #1797), int8 gate rows, fp16
+# control tensors, then a deterministic container compressed with brotli. The score is taken on the
+# model read back from it.
 # ------------------------------------------------------------------------------------------------
 
 ARTIFACT_CAP = 16_000_000  # code + compressed model bytes (decimal), the challenge's cap
@@ -2239,9 +2240,10 @@ def eval_sliding(model: GPT, val: ValData, h: Hyperparameters, d: Dist, led: Sco
     return reduce_score(*acc)
 
 
-# Per-document LoRA TTT (spec 6.4) with phased global SGD (spec 6.5). Documents sorted by length
-# are cut into batches, queue longest first; each rank takes every world_size-th batch of a
-# phase segment (static, so no shared files). Per chunk: score first, then one AdamW step.
+# Per-document LoRA TTT (spec 6.4, PR #1530) with phased global SGD (spec 6.5, PR #1610/#1626).
+# Documents sorted by length are cut into batches, queue longest first; each rank takes every
+# world_size-th batch of a phase segment (static, so no shared files). Per chunk: score first, then
+# one AdamW step.
 
 
 def ttt_queue(lengths: np.ndarray, batch_size: int) -> list:

@@ -3,7 +3,6 @@ CPU only, small shapes; run with `python -m pytest tests/test_quant.py -q` from 
 
 import os
 import sys
-import time
 import types
 
 import pytest
@@ -354,13 +353,3 @@ def test_deserialize_rejects_bad_headers(quantized):
         deserialize(blob[:5] + bytes([1]) + blob[6:])
     with pytest.raises(ValueError, match="checksum"):
         deserialize(blob[:6] + bytes([blob[6] ^ 1]) + blob[7:])
-
-
-def test_realistic_gptq_timing_cpu():
-    W = trained_like(2048, 512)
-    H = hessian(correlated_inputs(4096, 512))
-    t0 = time.perf_counter()
-    q, s = gptq_quantize(W, H, 6, 11.5)
-    print(f"\nGPTQ 2048x512 int6 on CPU ({torch.get_num_threads()} threads): "
-          f"{time.perf_counter() - t0:.2f}s")
-    assert q.shape == W.shape
