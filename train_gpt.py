@@ -17,7 +17,6 @@ import glob
 import hashlib
 import inspect
 import json
-import lzma
 import math
 import os
 import platform
@@ -38,6 +37,31 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+# Optional kernels: attention backends (pick_attention_backend) and Triton (fused MLP and CE).
+try:
+    from flash_attn_interface import flash_attn_varlen_func  # FlashAttention-3 (Hopper)
+except ImportError:
+    flash_attn_varlen_func = None
+try:  # PyTorch's own FlashAttention-2 varlen kernel (torch >= 2.10; the keywords changed in 2.12)
+    from torch.nn.attention.varlen import varlen_attn
+    _VARLEN_PARAMS = inspect.signature(varlen_attn).parameters
+    VARLEN_KW = dict({"is_causal": True} if "is_causal" in _VARLEN_PARAMS else {"window_size": (-1, 0)},
+                     **({"enable_gqa": True} if "enable_gqa" in _VARLEN_PARAMS else {}))
+except ImportError:
+    varlen_attn = None
+try:
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    # compiled on its own too, so eager callers (GPTQ calibration) never materialize T x T scores
+    flex_attention_compiled = torch.compile(flex_attention, dynamic=False)
+except ImportError:
+    BlockMask = flex_attention = flex_attention_compiled = None
+try:  # GPU builds of torch ship Triton; CPU builds do not (then the MLP stays unfused)
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+except ImportError:
+    triton = None
 
 # ------------------------------------------------------------------------------------------------
 # Config
@@ -113,13 +137,12 @@ class Hyperparameters:
     attn_clip_sigmas: float = 13.0  # per-row clip edge = k * std(row)
     mlp_clip_sigmas: float = 11.5  # the same for MLP matrices (FIT_TO_CAP may raise it)
     embed_clip_sigmas: float = 14.0  # the same for the tied embedding
-    lqer_enabled: bool = True  # low-rank correction of the worst-quantized tensors
+    lqer_enabled: bool = True  # low-rank correction of the worst-quantized tensors (LQER, PR #1797)
     lqer_rank: int = 4  # rank of each LQER correction
     lqer_top_k: int = 3  # how many tensors (largest quantization error) get one
     lqer_asym_group: int = 64  # int4 group size of the LQER B factor
     awq_lite_groups: int = 0  # AWQ-lite (PR #1908: 1): this many most salient column groups kept int8
     awq_lite_group_size: int = 64  # columns per AWQ-lite group
-    compressor: str = "brotli"  # brotli (quality 11) | lzma (preset 9)
     fit_to_cap: bool = True  # over the cap: raise MLP_CLIP_SIGMAS (logged, bounded) and requantize
     save_prequant: bool = False  # also write the EMA float weights + config, final_model.pt (tools/ab.py)
     # evaluation (the score is phased LoRA TTT; see the Evaluation section)
@@ -160,8 +183,6 @@ class Hyperparameters:
             raise ValueError(f"ATTN_GATE={self.attn_gate!r}: use sparse, out, dense or none")
         if self.attn_backend not in ("auto", "fa3", "varlen", "flex", "sdpa"):
             raise ValueError(f"ATTN_BACKEND={self.attn_backend!r}: use auto, fa3, varlen, flex or sdpa")
-        if self.compressor not in ("brotli", "lzma"):
-            raise ValueError(f"COMPRESSOR={self.compressor!r}: use brotli or lzma")
         if self.model_dim % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError("MODEL_DIM must divide by NUM_HEADS, NUM_HEADS by NUM_KV_HEADS")
         if self.train_batch_tokens % 8 or (self.train_batch_tokens // 8) % 128:
@@ -252,7 +273,7 @@ RUN_FIELDS = (
     "adam_wd", "embed_wd", "grad_clip_norm", "ema_decay", "gptq_calibration_batches", "matrix_bits",
     "embed_bits", "attn_clip_sigmas", "mlp_clip_sigmas", "embed_clip_sigmas",
     "lqer_enabled", "lqer_rank", "lqer_top_k", "lqer_asym_group", "awq_lite_groups", "awq_lite_group_size",
-    "compressor", "fit_to_cap",
+    "fit_to_cap",
     "save_prequant", "eval_only", "prequant_ttt_lr",
 )
 
@@ -327,6 +348,7 @@ RENAMED = {name: use for use, names in (
     ("nothing: LQER is always asymmetric (A int2, B int4 in LQER_ASYM_GROUP groups)",
      "LQER_ASYM_ENABLED LQER_FACTOR_BITS"),
     ("nothing: GPTQ always runs", "GPTQ_ENABLED"), ("EMA_DECAY (EMA is always on)", "EMA_ENABLED"),
+    ("nothing: the model is always brotli-11 (lzma -9 was 7% larger)", "COMPRESSOR"),
     ("EMA_DECAY (EMA replaced SWA and LAWA)", "SWA_ENABLED SWA_EVERY LAWA_ENABLED LAWA_K LAWA_FREQ"),
     ("nothing: no QAT here (GPTQ after training)", "QAT_ENABLED LATE_QAT_THRESHOLD"),
     ("nothing: every val document is scored", "VAL_TOKENS VAL_DOC_FRACTION TTT_EVAL_BATCHES"),
@@ -499,23 +521,50 @@ class Logger:
             f.write(msg + "\n")
 
 
-class Ledger:
-    """Wall-clock seconds per named phase, so reviewers can apply any timing rule they choose."""
+class Timer:
+    """The run's one wall clock. `phases`: seconds per named phase, logged and in final_json, so
+    reviewers can apply any timing rule they choose. A stopwatch, restarted for the training clock
+    and again for the strict eval (against its budget), with pauses left out. Decisions read the
+    slowest rank (MAX), so every rank stops, switches or skips on the same step."""
 
-    def __init__(self, device: torch.device):
-        self.device, self.seconds = device, {}
+    def __init__(self, device: torch.device, budget: float = math.inf):
+        self.device, self.phases = device, {}
+        self.restart(budget)
+
+    def restart(self, budget: float = math.inf):
+        self.t0, self.paused, self.budget, self.reserve = time.perf_counter(), 0.0, budget, 0.0
 
     def sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def elapsed(self) -> float:  # this rank's seconds since restart(), pauses left out
+        self.sync()
+        return time.perf_counter() - self.t0 - self.paused
+
+    def slowest(self, extra: float = 0.0) -> float:  # elapsed (+ extra) of the slowest rank
+        t = torch.tensor([self.elapsed() + extra], device=self.device)
+        return all_reduce(t, dist.ReduceOp.MAX).item()
+
+    def left(self) -> float:
+        """Seconds of the budget left once the `reserve` (work that cannot be cut) is done."""
+        return self.budget - self.slowest(self.reserve)
+
+    def fits(self) -> bool:
+        return self.left() > 0
+
     @contextmanager
-    def phase(self, name: str):
+    def phase(self, name: str | None, pause: bool = False):
+        """Add the block's seconds to phases[name] (None: to no phase); with `pause`, keep them off
+        the stopwatch."""
         self.sync()
         t0 = time.perf_counter()
         yield
         self.sync()
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        if name:
+            self.phases[name] = self.phases.get(name, 0.0) + dt
+        self.paused += dt if pause else 0.0
 
 
 def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
@@ -527,6 +576,15 @@ def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
 def source_text() -> str:
     """The readable source that is running (a packed launcher passes it in as __source__)."""
     return globals().get("__source__") or open(__file__, encoding="utf-8").read()
+
+
+def source_sha256() -> str:
+    return hashlib.sha256(source_text().encode()).hexdigest()
+
+
+def banner(msg: str) -> str:
+    """A warning no reader of the log can miss."""
+    return "!" * 100 + "\n!!! " + msg + "\n" + "!" * 100
 
 
 def environment_report(d: Dist) -> str:
@@ -547,7 +605,7 @@ def environment_report(d: Dist) -> str:
 # Data and bits-per-byte accounting
 # Shards: 256 int32 header (magic, version, count) + uint16 tokens. Documents are BOS + tokens, no
 # EOS. The byte denominator comes from the data manifest: the tokenizer's piece table for plain
-# SentencePiece data, the per-token sidecar of original UTF-8 bytes for transformed (CaseOps) data.
+# SentencePiece data, the per-token sidecar of original UTF-8 bytes for CaseOps data (PR #1729).
 # Every val target gets its byte count once, up front, so every eval path divides by the same sum.
 # ------------------------------------------------------------------------------------------------
 
@@ -736,6 +794,14 @@ def load_val_data(spec: DataSpec, h: Hyperparameters) -> ValData:
                    spec.bos_id)
 
 
+def synthetic_tokens(n: int, vocab_size: int, bos_id: int, doc_len: int, gen) -> torch.Tensor:
+    """n random ids other than BOS with a BOS every `doc_len`: warms compiled graphs, no data read."""
+    t = torch.randint(0, vocab_size - 1, (n,), generator=gen)
+    t += (t >= bos_id).long()
+    t[::doc_len] = bos_id
+    return t
+
+
 class TrainLoader:
     """Sequential document packing, the same for every world size.
 
@@ -800,35 +866,12 @@ class TrainLoader:
 # call GPT.forward; documents are found from BOS inside it, and TTT adapters are an argument.
 # ------------------------------------------------------------------------------------------------
 
-try:
-    from flash_attn_interface import flash_attn_varlen_func  # FlashAttention-3 (Hopper)
-except ImportError:
-    flash_attn_varlen_func = None
-try:  # PyTorch's own FlashAttention-2 varlen kernel (torch >= 2.10; the keywords changed in 2.12)
-    from torch.nn.attention.varlen import varlen_attn
-    _VARLEN_PARAMS = inspect.signature(varlen_attn).parameters
-    VARLEN_KW = dict({"is_causal": True} if "is_causal" in _VARLEN_PARAMS else {"window_size": (-1, 0)},
-                     **({"enable_gqa": True} if "enable_gqa" in _VARLEN_PARAMS else {}))
-except ImportError:
-    varlen_attn = None
-try:
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
-    # compiled on its own too, so eager callers (GPTQ calibration) never materialize T x T scores
-    flex_attention_compiled = torch.compile(flex_attention, dynamic=False)
-except ImportError:
-    BlockMask = flex_attention = flex_attention_compiled = None
 FLEX_BLOCK = 128
 # Tile sizes for head dim 64 from bench/flex_tune.py on an H100 with real document masks: 209 ms
 # of attention per 786K-token step against 238 ms with torch 2.11's defaults (plain sm80+ configs).
 FLEX_OPTIONS = dict(fwd_BLOCK_M=128, fwd_BLOCK_N=64, fwd_num_stages=3, fwd_num_warps=4,
                     bwd_BLOCK_M1=32, bwd_BLOCK_N1=128, bwd_BLOCK_M2=128, bwd_BLOCK_N2=32,
                     bwd_num_stages=3, bwd_num_warps=4)
-try:  # GPU builds of torch ship Triton; CPU builds do not (then the MLP stays unfused)
-    import triton
-    import triton.language as tl
-    from torch.library import triton_op, wrap_triton
-except ImportError:
-    triton = None
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -992,9 +1035,9 @@ class Attention(nn.Module):
         self.c_q, self.c_k, self.c_v = CastedLinear(d, d), CastedLinear(d, kv), CastedLinear(d, kv)
         self.proj = CastedLinear(d, d, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
-        if h.attn_gate == "dense":  # Qwen-style headwise gate, ~0.5 at init
+        if h.attn_gate == "dense":  # Qwen-style headwise gate (PR #1736), ~0.5 at init
             self.attn_gate_w = nn.Parameter(torch.randn(h.num_heads, d) * 0.005)
-        elif h.attn_gate in ("sparse", "out"):  # zero init: 0.5 (sparse) or exactly 1 (out)
+        elif h.attn_gate in ("sparse", "out"):  # sparse PR #1787, out PR #1667; 0.5 or exactly 1 at init
             self.attn_gate_w = nn.Parameter(torch.zeros(h.num_heads, h.gate_window))
 
     def gate(self, y, n):
@@ -1028,7 +1071,7 @@ class Attention(nn.Module):
         q = apply_rope(q, cos, sin, self.h.rope_dims) * self.q_gain.to(q.dtype)[:, None]
         k = apply_rope(k, cos, sin, self.h.rope_dims)
         y = attention(q, k, v, seg, backend)
-        # XSA: remove from each head the component along its own token's (normalized) value
+        # XSA (#198 lineage; all layers #478/#1019): drop each head's component along its own value
         yg = y.view(B, T, self.kv_heads, self.heads // self.kv_heads, self.hd)
         vn = F.normalize(v, dim=-1)[:, :, :, None, :]
         y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, self.heads, self.hd)
@@ -1037,6 +1080,8 @@ class Attention(nn.Module):
             return out
         return out + out_scale.to(n.dtype) * lora_delta(n, lora["o"], lora["scale"])
 
+
+MLP_TILE = (128, 256, 64, 8, 3)  # BM, BN, BK, warps, stages of mlp_act_matmul (bench/bench_mlp.py)
 
 if triton is not None:
     @triton.jit
@@ -1150,12 +1195,11 @@ if triton is not None:
         dcaps = lse.new_empty((x.size(0) if caps is not None else 0, 2))
         launch_softcap_ce(x, tgt, dx, lse, dnll, dx, softcap, True, caps, dcaps)  # nll unused
         return dx, dcaps
-MLP_TILE = (128, 256, 64, 8, 3)  # BM, BN, BK, warps, stages of mlp_act_matmul (bench/bench_mlp.py)
 
 
 class FusedMLP(torch.autograd.Function):
     """act(x W1^T) W2^T with the activation and its derivative fused into Triton matmul epilogues;
-    pre and post activations are saved instead of recomputed (the record's fused MLP)."""
+    pre and post activations are saved instead of recomputed (the fused MLP of PR #1530)."""
 
     @staticmethod
     def forward(ctx, x, w1, w2, slope: float):
@@ -1201,8 +1245,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """A sequential block, or (physical layer >= parallel_start_layer) a two-lane parallel block:
-    attention reads lane 0 (mixed with x0), the MLP reads lane 1, both lanes get both outputs."""
+    """A sequential block, or (physical layer >= parallel_start_layer) a two-lane parallel block
+    (PR #1529): attention reads lane 0 (mixed with x0), the MLP reads lane 1, both lanes get both."""
 
     def __init__(self, h: Hyperparameters, layer: int):
         super().__init__()
@@ -1210,7 +1254,7 @@ class Block(nn.Module):
         self.attn, self.mlp, self.parallel = Attention(h), MLP(h), layer >= h.parallel_start_layer
         self.attn_scale, self.mlp_scale = nn.Parameter(torch.ones(d)), nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)]))
-        self.register_buffer("ln_scale", torch.tensor(1 / math.sqrt(layer + 1)), persistent=False)
+        self.register_buffer("ln_scale", torch.tensor(1 / math.sqrt(layer + 1)), persistent=False)  # PR #315
         if self.parallel:
             self.lane_resid = nn.Parameter(torch.full((2,), 1.1))
             self.lane_post = nn.Parameter(torch.ones(2, 2))
@@ -1239,7 +1283,7 @@ def final_norm(lane0, lane1):
 
 class SoftcapCE(torch.autograd.Function):
     """Per-row NLL of softcapped logits in one Triton pass over the bf16 logits, forward and
-    backward (the record's fused CE): no fp32 copy of the [rows, vocab] logits is stored.
+    backward (the fused CE of PR #1787): no fp32 copy of the [rows, vocab] logits is stored.
     caps: None, or AsymLogit's (positive, negative) caps, which then get their gradient too."""
 
     @staticmethod
@@ -1308,6 +1352,8 @@ class GPT(nn.Module):
         if h.asym_logit_rescale:  # AsymLogit (PR #1923): trained by global TTT only (see training_state)
             self.logit_caps = nn.Parameter(torch.full((2,), LOGIT_SOFTCAP), requires_grad=False)
         self.compute_dtype = torch.bfloat16 if backend != "sdpa" else torch.float32
+        # module functions held as attributes only so that compile_model can swap in compiled
+        # versions (and tools/legality.py can wrap nll)
         self.nll, self.skip_merge, self.final_norm = softcap_nll, skip_merge, final_norm
 
     def layer_order(self, looping: bool) -> list:
@@ -1319,7 +1365,7 @@ class GPT(nn.Module):
         return layers[:h.loop_start] + loop * (h.num_loops + 1) + layers[h.loop_end + 1:]
 
     def embed(self, idx):
-        """Token embedding, SmearGate (never across a BOS: the BOS fix), then RMSNorm."""
+        """Token embedding, SmearGate (PR #1667; never across a BOS: the fix of PR #1851), RMSNorm."""
         e = self.tok_emb(idx).to(self.compute_dtype)
         if self.h.smear_gate_enabled:
             w = self.smear_w.to(e.dtype)
@@ -1383,6 +1429,14 @@ def compile_model(model: GPT) -> None:
     model.embed = torch.compile(model.embed, fullgraph=True, dynamic=False)
     for name in ("nll", "skip_merge", "final_norm"):  # small graphs that fuse the glue between blocks
         setattr(model, name, torch.compile(getattr(model, name), fullgraph=True, dynamic=False))
+
+
+@contextmanager
+def weights_restored(model: nn.Module):
+    """Compile warmups take real steps on synthetic tokens; the weights go back afterwards."""
+    initial = copy.deepcopy(model.state_dict())
+    yield
+    model.load_state_dict(initial)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1453,7 +1507,7 @@ class Muon:
             g = st["grad"] * clip
             st["buf"].mul_(momentum).add_(g)
             u = g + momentum * st["buf"]  # Nesterov
-            u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-7)  # MuonEq-R row normalization
+            u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-7)  # MuonEq-R rows (PR #1217)
             update = orthogonalize(u, MUON_BACKEND_STEPS) * math.sqrt(max(1, shape[0] / shape[1]))
             full = all_gather_cat(update, self.d)[:len(ps)]  # drop the padding of the stack
             torch._foreach_mul_(ps, 1 - lr * self.h.muon_wd)
@@ -1508,7 +1562,8 @@ class Optimizers:
         # Global norm: the Muon shards are disjoint across ranks, the replicated grads identical.
         sq = all_reduce(self.muon.sq_norm().reshape(1)) + torch.stack(torch._foreach_norm(grads)).square().sum()
         norm = sq.sqrt().squeeze()
-        clip = (self.h.grad_clip_norm / (norm + 1e-6)).clamp(max=1.0) if self.h.grad_clip_norm else norm * 0 + 1
+        clip = (self.h.grad_clip_norm / (norm + 1e-6)).clamp(max=1.0) if self.h.grad_clip_norm else \
+            torch.ones_like(norm)
         torch._foreach_mul_(grads, clip)
         for g, base in zip(self.adam.param_groups, self.base_lrs):
             g["lr"] = base * lr_mult
@@ -1570,12 +1625,14 @@ class EMA:
 # ------------------------------------------------------------------------------------------------
 # Quantization and packing
 # After training: Hessians from training data, GPTQ with per-row std clipping (int6 matrices, int7
-# embedding), LQER low-rank fixes on the worst tensors, int8 gate rows, fp16 control tensors, then a
-# deterministic container compressed with brotli. The score is taken on the model read back from it.
+# embedding; PR #1394), LQER low-rank fixes on the worst tensors (PR #1797), int8 gate rows, fp16
+# control tensors, then a deterministic container compressed with brotli. The score is taken on the
+# model read back from it.
 # ------------------------------------------------------------------------------------------------
 
+ARTIFACT_CAP = 16_000_000  # code + compressed model bytes (decimal), the challenge's cap
 QUANT_MAGIC, QUANT_VERSION = b"PGQZ", 3  # 2: payload in parallel slices; 3: + configuration block
-COMPRESSORS = ("brotli", "lzma")
+BROTLI = 0  # the container's compressor byte (1 was lzma, retired)
 FP16_TINY = 2.0**-24  # smallest positive fp16; the spec's 1e-10 floor would round to 0 in fp16
 GPTQ_SUFFIXES = {  # weight name suffix -> tensor class (bits and clip sigma come from the class)
     "attn.c_q.weight": "attn", "attn.c_k.weight": "attn", "attn.c_v.weight": "attn",
@@ -1874,7 +1931,7 @@ def quantize_state_dict(sd: dict, hessians: dict, h, log=print) -> tuple:
 # (all c_q codes, then all c_k codes, ...), so each brotli block sees one distribution.
 # Measured on an 11 x 512, V 8192 model trained 170 s on an H100 (brotli blob 15.77 MB), against
 # a row-major, state-dict-order layout: column-major codes -331 KB (mlp.proj -255 KB, tok_emb
-# -71 KB, the rest within 4 KB), grouping by type -7 KB, fp16 byte planes -3 KB. lzma -9 is 7%
+# -71 KB, the rest within 4 KB), grouping by type -7 KB, fp16 byte planes -3 KB. lzma -9 was 7%
 # larger than brotli -11. Not used: the records' greedy L1 row reorder (at most -11 KB net, on
 # tok_emb only) and a stride-2 shuffle of the whole blob (+0.2% on a smaller model).
 
@@ -1926,27 +1983,23 @@ def tensor_from_bytes(buf: bytes, dtype: str, shape: list) -> torch.Tensor:
     return t.reshape(shape)
 
 
-def compress_payload(raw: bytes, compressor: str, pieces: int = 16) -> bytes:
-    """Compress `pieces` contiguous slices in parallel threads (brotli-11 runs ~0.2 MB/s on one
-    core and releases the GIL; slicing costs ~0.05 % of size). Layout: count, sizes, streams."""
-    if compressor not in COMPRESSORS:
-        raise ValueError(f"COMPRESSOR={compressor!r}: use brotli or lzma")
+def compress_payload(raw: bytes, pieces: int = 16) -> bytes:
+    """Brotli-11 on `pieces` contiguous slices in parallel threads (it runs ~0.2 MB/s on one core
+    and releases the GIL; slicing costs ~0.05 % of size). Layout: count, sizes, streams."""
     step = -(-len(raw) // pieces)
-    fn = (lambda b: brotli.compress(b, quality=11, lgwin=24)) if compressor == "brotli" else (
-        lambda b: lzma.compress(b, preset=9))
     with ThreadPoolExecutor(pieces) as pool:
-        streams = list(pool.map(fn, [raw[i:i + step] for i in range(0, len(raw), step)]))
+        streams = list(pool.map(lambda b: brotli.compress(b, quality=11, lgwin=24),
+                                [raw[i:i + step] for i in range(0, len(raw), step)]))
     sizes = np.array([len(s) for s in streams], dtype="<u4")
     return np.uint32(len(streams)).tobytes() + sizes.tobytes() + b"".join(streams)
 
 
-def decompress_payload(blob: bytes, compressor: str) -> bytes:
+def decompress_payload(blob: bytes) -> bytes:
     n = int(np.frombuffer(blob[:4], "<u4")[0])
     sizes = np.frombuffer(blob[4:4 + 4 * n], "<u4")
-    fn = brotli.decompress if compressor == "brotli" else lzma.decompress
     offsets = [4 + 4 * n] + (4 + 4 * n + np.cumsum(sizes, dtype=np.int64)).tolist()
     with ThreadPoolExecutor(n) as pool:
-        return b"".join(pool.map(lambda i: fn(blob[offsets[i]:offsets[i + 1]]), range(n)))
+        return b"".join(pool.map(lambda i: brotli.decompress(blob[offsets[i]:offsets[i + 1]]), range(n)))
 
 
 def serialize(qstate: dict, h, meta: dict | None = None) -> bytes:
@@ -1963,9 +2016,9 @@ def serialize(qstate: dict, h, meta: dict | None = None) -> bytes:
     index = json.dumps({"entries": entries, "records": records}, separators=(",", ":"))
     index = index.encode()
     raw = np.uint32(len(index)).tobytes() + index + b"".join(chunks)
-    payload = compress_payload(raw, h.compressor)
+    payload = compress_payload(raw)
     info = brotli.compress(json.dumps(meta or {}, sort_keys=True).encode(), quality=11)
-    head = QUANT_MAGIC + bytes([QUANT_VERSION, COMPRESSORS.index(h.compressor)])
+    head = QUANT_MAGIC + bytes([QUANT_VERSION, BROTLI])
     return head + hashlib.sha256(info + raw).digest()[:8] + np.uint32(len(info)).tobytes() + info + payload
 
 
@@ -1977,9 +2030,9 @@ def split_blob(blob: bytes) -> tuple:
         raise ValueError(f"quantized model format version {blob[4]} carries no configuration; this "
                          f"code reads version {QUANT_VERSION}: score it with the train_gpt.py that "
                          "wrote it, or retrain")
-    if blob[4] != QUANT_VERSION or blob[5] >= len(COMPRESSORS):
+    if blob[4] != QUANT_VERSION or blob[5] != BROTLI:
         raise ValueError(f"quantized model format {blob[4]}/{blob[5]}, this code reads "
-                         f"version {QUANT_VERSION} with compressor < {len(COMPRESSORS)}")
+                         f"version {QUANT_VERSION} with compressor {BROTLI} (brotli)")
     n = int(np.frombuffer(blob[14:18], "<u4")[0])
     return blob[18:18 + n], blob[18 + n:]
 
@@ -1992,7 +2045,7 @@ def read_meta(blob: bytes) -> dict:
 def deserialize(blob: bytes) -> dict:
     """Inverse of serialize(): the qstate (read_meta gives the configuration)."""
     info, payload = split_blob(blob)
-    raw = decompress_payload(payload, COMPRESSORS[blob[5]])
+    raw = decompress_payload(payload)
     if hashlib.sha256(info + raw).digest()[:8] != blob[6:14]:
         raise ValueError("quantized model payload is corrupted (checksum mismatch)")
     n = int(np.frombuffer(raw[:4], dtype="<u4")[0])
@@ -2011,7 +2064,7 @@ def artifact_meta(h: Hyperparameters, data_identity: str) -> dict:
     source that wrote it and the data it was trained on."""
     return dict(config={k: getattr(h, k) for k in ARCH_FIELDS + EVAL_FIELDS},
                 config_hash=h.config_hash(data_identity), data=data_identity, run_id=h.run_id,
-                source_sha256=hashlib.sha256(source_text().encode()).hexdigest())
+                source_sha256=source_sha256())
 
 
 def artifact_config(h: Hyperparameters, meta: dict) -> tuple:
@@ -2121,8 +2174,6 @@ def artifact_accounting(path: str, h: Hyperparameters, log) -> dict:
     return acc
 
 
-ARTIFACT_CAP = 16_000_000
-
 
 # ------------------------------------------------------------------------------------------------
 # Evaluation
@@ -2150,23 +2201,6 @@ class Score:
 def reduce_score(nll: torch.Tensor, nbytes: torch.Tensor, ntok: torch.Tensor) -> Score:
     t = all_reduce(torch.stack([nll.double(), nbytes.double(), ntok.double()]))
     return Score(t[0].item(), int(t[1].item()), int(t[2].item()))
-
-
-@torch.no_grad()
-def eval_val(model: GPT, val: ValData, d: Dist, window: int) -> Score:
-    """Non-overlapping diagnostic eval: the stream cut into windows of `window` tokens (documents
-    still attend only within themselves), windows dealt round-robin to ranks."""
-    n, dev = val.num_targets, d.device
-    acc = torch.zeros(3, dtype=torch.float64, device=dev)
-    for w in range(d.rank, -(-n // window), d.world_size):
-        s, e = w * window, min(w * window + window, n)
-        x = torch.zeros(window, dtype=torch.long)
-        y = torch.zeros(window, dtype=torch.long)
-        x[:e - s], y[:e - s] = val.tokens[s:e], val.tokens[s + 1:e + 1]
-        nll = model(x[None].to(dev), y[None].to(dev))[0, :e - s]
-        acc += torch.stack([nll.double().sum(), val.target_bytes[s:e].sum().to(dev).double(),
-                            torch.tensor(e - s, device=dev, dtype=torch.float64)])
-    return reduce_score(*acc)
 
 
 def on_device(val: ValData, device) -> ValData:
@@ -2215,18 +2249,14 @@ class ScoreLedger:
     An event is (kind, clock, rows [n, 3] of (doc, start, end)). A "score" row: targets
     [start, end) were scored (doc -1 for sliding windows). An "update" row: the state stepped had
     consumed targets [doc start, end) of that doc (a TTT adapter holds its whole doc prefix).
-    Clocks are per rank and aligned (MAX) at every phase pause, so C3 holds across ranks.
-    `seconds` holds the eval's sub-phase times, merged into the run's timing Ledger."""
+    Clocks are per rank and aligned (MAX) at every phase pause, so C3 holds across ranks."""
 
-    def __init__(self, num_targets: int, device, keep_nll: bool = False):
-        self.n, self.device, self.clock, self.events, self.seconds = num_targets, device, 0, [], {}
-        self.nll = torch.full((num_targets,), float("nan")) if keep_nll else None  # tools only
+    def __init__(self, num_targets: int, device):
+        self.n, self.device, self.clock, self.events = num_targets, device, 0, []
 
-    def record(self, kind: str, rows, idx=None, nll=None, mask=None):
+    def record(self, kind: str, rows):
         self.clock += 1
         self.events.append((kind, self.clock, np.asarray(rows, np.int64).reshape(-1, 3)))
-        if self.nll is not None and nll is not None:
-            self.nll[idx[mask].cpu()] = nll.detach()[mask].float().cpu()
 
     def sync(self):
         t = torch.tensor([self.clock], device=self.device)
@@ -2273,25 +2303,10 @@ def check_ledger(led: ScoreLedger, starts: np.ndarray) -> dict:
     return dict(C3=late == 0, C4=bool((count == 1).all()), scored=int(count.sum()), late_updates=late)
 
 
-def mark_prequant(led: ScoreLedger, starts, ends):
-    """Pre-quant TTT trained on every val target before any score: one update event first."""
-    led.record("update", np.stack([np.arange(starts.size), starts, ends], 1))
-
-
-def verdict(checks: dict, h: Hyperparameters, n: int) -> str:
-    if not checks["C3"]:
-        if h.prequant_ttt_epochs:
-            return "C3: pre-quant TTT trained on val before scoring"
-        return f"C3: {checks['late_updates']} optimizer steps used tokens before they were scored"
-    if not checks["C4"]:
-        return f"C4: {checks['scored']} scores for {n} targets, not each exactly once"
-    return "compliant"
-
-
 def account(led: ScoreLedger, tbytes, nll, idx, scored, rows) -> torch.Tensor:
     """Record scored targets in the ledger; return their (nll, bytes, count) sums."""
     nll = nll.detach()
-    led.record("score", rows, idx, nll, scored)
+    led.record("score", rows)
     m = scored.double()
     return torch.stack([(nll.double() * m).sum(), (tbytes[idx].double() * m).sum(), m.sum()])
 
@@ -2351,6 +2366,20 @@ def tilt_rows(tilt, idx):
     return None if tilt is None else (tilt[0][idx], tilt[1])
 
 
+@torch.no_grad()
+def eval_val(model: GPT, val: ValData, h: Hyperparameters, d: Dist, led: ScoreLedger, log) -> Score:
+    """Non-overlapping diagnostic eval: the stream cut into windows of one training slot
+    (documents still attend only within themselves), one per forward, dealt round-robin to ranks."""
+    n, L, vd = val.num_targets, h.slot_tokens, on_device(val, d.device)
+    acc = torch.zeros(3, dtype=torch.float64, device=d.device)
+    for w in range(d.rank, -(-n // L), d.world_size):
+        ws = np.array([w * L])
+        we = np.minimum(ws + L, n)
+        x, y, idx, scored = window_rows(vd.tokens, ws, we, ws, 1, L)
+        acc += account(led, vd.target_bytes, model(x, y), idx, scored, np.stack([[-1], ws, we], 1))
+    return reduce_score(*acc)
+
+
 # Sliding windows (spec 6.2): every target once, each after at least L - stride tokens of its
 # document (the forward keeps documents apart, so windows need not align with them).
 
@@ -2378,9 +2407,10 @@ def eval_sliding(model: GPT, val: ValData, h: Hyperparameters, d: Dist, led: Sco
     return reduce_score(*acc)
 
 
-# Per-document LoRA TTT (spec 6.4) with phased global SGD (spec 6.5). Documents sorted by length
-# are cut into batches, queue longest first; each rank takes every world_size-th batch of a
-# phase segment (static, so no shared files). Per chunk: score first, then one AdamW step.
+# Per-document LoRA TTT (spec 6.4, PR #1530) with phased global SGD (spec 6.5, PR #1610/#1626).
+# Documents sorted by length are cut into batches, queue longest first; each rank takes every
+# world_size-th batch of a phase segment (static, so no shared files). Per chunk: score first, then
+# one AdamW step.
 
 
 def ttt_queue(lengths: np.ndarray, batch_size: int) -> list:
@@ -2480,29 +2510,24 @@ def chunk_plan(docs, starts, ends, c: int, size: int, h: Hyperparameters) -> dic
     return dict(doc=docs, s=s, ws=ws, cs=np.where(live, cs, 0), ce=ce, live=live, step=live & (ce < e))
 
 
-def ttt_chunk(model, lora, opt, vd: ValData, p: dict, h, led, tilt, score_after_update=False):
+def ttt_chunk(model, lora, opt, vd: ValData, p: dict, h, led, tilt):
     """Score the chunk's targets with the current adapters, THEN one AdamW step on the sum over
     documents of their mean chunk loss (documents with later chunks only; none without adapters)."""
     L = ttt_bucket(int((p["ce"] - p["ws"]).max()), h.ttt_eval_seq_len)
     x, y, idx, scored = window_rows(vd.tokens, p["ws"], p["ce"], p["cs"], h.ttt_batch_size, L)
     nll = model(x, y, lora_view(lora, model.compute_dtype), tilt_rows(tilt, idx))
     score_rows = np.stack([p["doc"], p["cs"], p["ce"]], 1)[p["live"]]
-    if not score_after_update:
-        sums = account(led, vd.target_bytes, nll, idx, scored, score_rows)
+    sums = account(led, vd.target_bytes, nll, idx, scored, score_rows)
     if p["step"].any() and opt is not None:
         w = to_device(p["step"].astype(np.float32), nll.device)
         ((nll * scored).sum(1) / scored.sum(1).clamp_min(1) * w).sum().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         led.record("update", np.stack([p["doc"], p["s"], p["ce"]], 1)[p["step"]])
-    if score_after_update:  # TEST ONLY (tools/legality.py --variant score-after-update): illegal
-        with torch.no_grad():
-            nll = model(x, y, lora_view(lora, model.compute_dtype), tilt_rows(tilt, idx))
-        sums = account(led, vd.target_bytes, nll, idx, scored, score_rows)
     return sums
 
 
-def ttt_batch(model, lora, docs, starts, ends, vd, h, led, tilt, score_after_update=False):
+def ttt_batch(model, lora, docs, starts, ends, vd, h, led, tilt):
     """One batch: fresh optimizer state (B was zeroed by the caller), chunks in order."""
     params = [t for ab in lora_pairs(lora) for t in ab]
     lr = h.ttt_lora_lr * h.ttt_local_lr_mult
@@ -2512,36 +2537,13 @@ def ttt_batch(model, lora, docs, starts, ends, vd, h, led, tilt, score_after_upd
     docs = np.pad(docs, (0, h.ttt_batch_size - docs.size), constant_values=-1)
     sums = torch.zeros(3, dtype=torch.float64, device=vd.tokens.device)
     for c in range(chunks_of(docs, starts, ends, h)):
-        sums += ttt_chunk(model, lora, opt, vd, chunk_plan(docs, starts, ends, c, size, h), h, led, tilt,
-                          score_after_update)
+        sums += ttt_chunk(model, lora, opt, vd, chunk_plan(docs, starts, ends, c, size, h), h, led, tilt)
     return sums
 
 
 def chunks_of(docs, starts, ends, h) -> int:
     lens = ends[docs[docs >= 0]] - starts[docs[docs >= 0]]
     return -(-int(lens.max()) // batch_chunk(lens, h))
-
-
-class EvalBudget:
-    """The strict eval (artifact load, eval warmup, diagnostic/sliding evals, TTT) must end within
-    EVAL_BUDGET_SECONDS: main() starts it before loading the artifact. Scoring cannot be cut (C4),
-    so global SGD is skipped or stopped when elapsed + projected remaining scoring would overrun.
-    Decisions take the MAX over ranks, so every rank agrees."""
-
-    def __init__(self, seconds: float, device):
-        self.seconds, self.device, self.t0, self.reserve = seconds, device, time.perf_counter(), 0.0
-
-    def elapsed(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter() - self.t0
-
-    def fits(self) -> bool:
-        return self.slowest(self.reserve) < self.seconds
-
-    def slowest(self, extra: float = 0.0) -> float:  # elapsed (+ extra) of the slowest rank
-        t = torch.tensor([self.elapsed() + extra], device=self.device)
-        return all_reduce(t, dist.ReduceOp.MAX).item()
 
 
 @dataclass
@@ -2640,18 +2642,18 @@ def ttt_pause(model, val, starts, ends, bound, phase, prog: Progress, h, d, led,
     stream = torch.cat([val.tokens[starts[k]:ends[k] + (ends[k] == n)] for k in prefix]).to(d.device)
     steps = global_sgd(model, stream, h, d, budget, log, f"tttg phase:{phase + 1}")
     prog.sgd_s += budget.elapsed() - t0
-    led.seconds[f"ttt_phase{phase + 1}_global_sgd"] = budget.elapsed() - t0
+    budget.phases[f"ttt_phase{phase + 1}_global_sgd"] = budget.elapsed() - t0
     log(f"ttpp: phase:{phase + 1} docs:{prefix.size} tokens:{stream.numel()} sgd_steps:{steps} "
         f"t:{budget.elapsed():.1f}s")
 
 
 def ttt_eval(model: GPT, val: ValData, h: Hyperparameters, d: Dist, led: ScoreLedger, log,
-             score_after_update: bool = False, budget=None) -> Score:
+             budget=None) -> Score:
     """Phased LoRA TTT: the score of the record. A is redrawn at each phase start (and each batch
     without TTT_WARM_START_A) from a seed of the phase (batch), so ranks draw the same A."""
     starts, ends = find_docs(val.tokens, val.bos_id)
     queue, vd = ttt_queue(ends - starts, h.ttt_batch_size), on_device(val, d.device)
-    cuts, budget = phase_cuts(queue, h), budget or EvalBudget(h.eval_budget_seconds, d.device)
+    cuts, budget = phase_cuts(queue, h), budget or Timer(d.device, h.eval_budget_seconds)
     tilt = tilt_hints(vd, h, log)  # inside the eval timer
     log(f"ttt_phased: docs:{starts.size} batches:{len(queue)} boundaries:{[b for _, b in cuts]} "
         f"pause_after_batch:{[c for c, _ in cuts]} world_size:{d.world_size}")
@@ -2664,7 +2666,7 @@ def ttt_eval(model: GPT, val: ValData, h: Hyperparameters, d: Dist, led: ScoreLe
         t0 = budget.elapsed()
         for b in range(begin + d.rank, cut, d.world_size):
             reset_lora(lora, None if h.ttt_warm_start_a else h.seed * 1000003 + b)
-            sums = ttt_batch(model, lora, queue[b], starts, ends, vd, h, led, tilt, score_after_update)
+            sums = ttt_batch(model, lora, queue[b], starts, ends, vd, h, led, tilt)
             prog.add_batch(b, queue[b], sums, steps[b])
             if prog.batches % max(1, len(queue) // (20 * d.world_size)) == 0:
                 log_ttt_batch(log, b, len(queue), prog, budget, ends[queue[b]] - starts[queue[b]])
@@ -2672,57 +2674,50 @@ def ttt_eval(model: GPT, val: ValData, h: Hyperparameters, d: Dist, led: ScoreLe
         if bound is not None:
             ttt_pause(model, val, starts, ends, bound, phase, prog, h, d, led, log, budget)
         begin = cut
-    led.seconds["ttt_lora_scoring"] = prog.scoring_s
+    budget.phases["ttt_lora_scoring"] = prog.scoring_s
     log(f"ttt done at eval clock {budget.elapsed():.1f}s (rank 0: LoRA scoring {prog.scoring_s:.1f}s, "
         f"global SGD {prog.sgd_s:.1f}s)")
     return reduce_score(*prog.acc)
 
 
-def log_ttt_batch(log, b: int, n: int, prog: Progress, budget: EvalBudget, lens):
+def log_ttt_batch(log, b: int, n: int, prog: Progress, budget: Timer, lens):
     s = Score(*prog.acc.tolist())  # this rank's running sums
     log(f"ttp: b{b + 1}/{n} dl:{lens.min()}-{lens.max()} rl:{s.loss:.4f} rb:{s.bpb:.4f} "
         f"t:{budget.elapsed():.1f}s")
 
 
-# Compile warmup, research mode, and the entry points main() calls.
-
-
-def synthetic_val(h: Hyperparameters, bos_id: int, n_docs: int, doc_len: int, seed=1234) -> ValData:
-    """Random tokens (never val data) with a BOS every `doc_len` tokens, one byte per target."""
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randint(0, h.vocab_size - 1, (n_docs * doc_len + 1,), generator=g)
-    t += (t >= bos_id).long()
-    t[::doc_len] = bos_id
-    return ValData(t, torch.ones(t.numel() - 1, dtype=torch.long), bos_id)
+# Compile warmup, the research mode, and the one scoring step every eval goes through.
 
 
 def eval_warmup(model: GPT, h: Hyperparameters, d: Dist, bos_id: int):
     """Compile every eval graph (diagnostic, sliding, LoRA fwd+bwd at each length bucket, global
     SGD) on random tokens, then restore the weights. LoRA TTT runs as world size 1 on every rank
     so that each rank compiles it; the rest runs on all ranks with their real shapes."""
-    initial = copy.deepcopy(model.state_dict())
-    fake = synthetic_val(h, bos_id, h.ttt_batch_size, h.ttt_eval_seq_len + h.ttt_chunk_size + 1)
+    doc, gen = h.ttt_eval_seq_len + h.ttt_chunk_size + 1, torch.Generator().manual_seed(1234)
+    tokens = synthetic_tokens(h.ttt_batch_size * doc + 1, h.vocab_size, bos_id, doc, gen)
+    fake = ValData(tokens, torch.ones(tokens.numel() - 1, dtype=torch.long), bos_id)
     quiet, led = lambda *a, **k: None, ScoreLedger(fake.num_targets, d.device)
     solo = Dist(0, 1, d.local_rank, d.device)  # collectives still run, identically on all ranks
-    with torch.no_grad():
-        eval_val(model, fake, solo, h.slot_tokens)
-    if h.sliding_enabled:
-        eval_sliding(model, fake, h, solo, led, quiet)
-    if h.ttt_enabled:  # global SGD first: torch 2.13 crashes explaining a recompile from a
-        # LoRA graph to a graph without adapters (it looks up lora['k'] in the new call's None)
-        stream = synthetic_val(h, bos_id, 4, h.global_ttt_chunk_tokens // 2 + 1).tokens
-        global_sgd(model, stream.to(d.device), h, d, None, quiet, "warmup")
-        ttt_eval(model, fake, dataclasses.replace(h, phased_ttt_num_phases=0), solo, led, quiet)
-    model.load_state_dict(initial)
+    with weights_restored(model):
+        eval_val(model, fake, h, solo, led, quiet)
+        if h.sliding_enabled:
+            eval_sliding(model, fake, h, solo, led, quiet)
+        if h.ttt_enabled:  # global SGD first: torch 2.13 crashes explaining a recompile from a
+            # LoRA graph to a graph without adapters (it looks up lora['k'] in the new call's None)
+            doc = h.global_ttt_chunk_tokens // 2 + 1
+            stream = synthetic_tokens(4 * doc + 1, h.vocab_size, bos_id, doc, gen.manual_seed(1234))
+            global_sgd(model, stream.to(d.device), h, d, None, quiet, "warmup")
+            ttt_eval(model, fake, dataclasses.replace(h, phased_ttt_num_phases=0), solo, led, quiet)
 
 
 def prequant_ttt(model: GPT, val: ValData, h: Hyperparameters, d: Dist, log):
     """ILLEGAL research mode (PR #1376 ... #1735/#1738): AdamW on every weight over the val tokens
-    for PREQUANT_TTT_EPOCHS epochs (LR cosine over epochs), before quantization and scoring. All
-    later scores come from a model trained on their targets: C3 fails, and final_evaluation
-    stamps legality "C3: ..." and mode "prequant_ttt"."""
-    log("!" * 100 + "\n!!! NON-COMPLIANT: PREQUANT_TTT_EPOCHS>0 trains on val before scoring "
-        "(C3). Research only, never a record.\n" + "!" * 100)
+    for PREQUANT_TTT_EPOCHS epochs (LR cosine over epochs), before quantization and scoring. Every
+    later score comes from a model trained on its targets: evaluate() opens each ledger with that
+    update, so C3 fails and the run is stamped "C3: pre-quant TTT ..." (the flag is an ARCH field:
+    the artifact keeps it)."""
+    log(banner("NON-COMPLIANT: PREQUANT_TTT_EPOCHS>0 trains on val before scoring (C3). Research only, "
+               "never a record."))
     stream, ct = val.tokens.to(d.device), h.global_ttt_chunk_tokens
     opt = torch.optim.AdamW(model.parameters(), lr=h.prequant_ttt_lr, weight_decay=0.0)
     model.requires_grad_(True)
@@ -2733,19 +2728,25 @@ def prequant_ttt(model: GPT, val: ValData, h: Hyperparameters, d: Dist, log):
         log(f"prequant_ttt: epoch {ep + 1}/{h.prequant_ttt_epochs} lr {lr:.2e}")
 
 
-def scored_eval(name: str, fn, model, val, h, d, log, ledger, starts, ends):
-    """Run one full eval with its own legality ledger; returns (Score, verdict)."""
-    led = ScoreLedger(val.num_targets, d.device)
-    if h.prequant_ttt_epochs:
-        mark_prequant(led, starts, ends)
-    with ledger.phase(name):
+def evaluate(name: str, fn, model: GPT, val: ValData, h: Hyperparameters, d: Dist, log, timer: Timer) -> tuple:
+    """One scoring pass `fn` (eval_val, eval_sliding or ttt_eval) over the val stream, in its own
+    timer phase and C3/C4 ledger. Returns (Score, legality): "compliant" or what failed."""
+    starts, ends = find_docs(val.tokens, val.bos_id)
+    led, before = ScoreLedger(val.num_targets, d.device), timer.phases.get(name, 0.0)
+    if h.prequant_ttt_epochs:  # prequant_ttt trained on every target before this pass
+        led.record("update", np.stack([np.arange(starts.size), starts, ends], 1))
+    with timer.phase(name):
         score = fn(model, val, h, d, led, log)
-    ledger.seconds.update(led.seconds)  # sub-phases of `name` (already inside its time)
-    checks = check_ledger(led, starts)
-    log(f"{name} val_loss: {score.loss:.6f} val_bpb: {score.bpb:.6f} tokens {score.tokens} "
-        f"bytes {score.bytes} of {val.num_targets} targets ({ledger.seconds[name]:.1f}s) "
-        f"C3:{'ok' if checks['C3'] else 'FAIL'} C4:{'ok' if checks['C4'] else 'FAIL'}")
-    return score, verdict(checks, h, val.num_targets)
+    c = check_ledger(led, starts)
+    log(f"{name} val_loss: {score.loss:.6f} val_bpb: {score.bpb:.6f} tokens {score.tokens} bytes {score.bytes} "
+        f"of {val.num_targets} targets ({timer.phases[name] - before:.1f}s) C3:{'ok' if c['C3'] else 'FAIL'} "
+        f"C4:{'ok' if c['C4'] else 'FAIL'}")
+    if not c["C3"]:
+        return score, ("C3: pre-quant TTT trained on val before scoring" if h.prequant_ttt_epochs else
+                       f"C3: {c['late_updates']} optimizer steps used tokens before they were scored")
+    if not c["C4"]:
+        return score, f"C4: {c['scored']} scores for {val.num_targets} targets, not each exactly once"
+    return score, "compliant"
 
 
 def scoring_state(model: GPT, h: Hyperparameters):
@@ -2775,72 +2776,32 @@ def precompile_eval(model: GPT, h: Hyperparameters, d: Dist, bos_id: int):
         torch.cuda.reset_peak_memory_stats()  # peak_mem_mib reports training, not this warmup
 
 
-def final_evaluation(model: GPT, val: ValData, h: Hyperparameters, d: Dist, log, ledger,
-                     budget: EvalBudget) -> dict:
+def final_evaluation(model: GPT, val: ValData, h: Hyperparameters, d: Dist, log, timer: Timer) -> dict:
     """Everything after training, on the model to score: compile warmup (random tokens), the
-    non-overlapping diagnostic, sliding windows and phased LoRA TTT, each with its C3/C4 ledger.
+    non-overlapping diagnostic, sliding windows and phased LoRA TTT, each through evaluate().
     val_bpb is TTT's score, else sliding's, else the diagnostic's: a fixed precedence, never a
-    minimum over evals (that would be multi-pass selection, C4). `budget` runs from the start of
+    minimum over evals (that would be multi-pass selection, C4). `timer` runs from the start of
     the strict eval (the artifact load): TTT's global SGD gets what the earlier stages left."""
     scoring_state(model, h)
-    with ledger.phase("eval_warmup"):
+    with timer.phase("eval_warmup"):
         eval_warmup(model, h, d, val.bos_id)
-    log(f"eval_warmup: {ledger.seconds['eval_warmup']:.1f}s (random tokens, no val data)")
-    with ledger.phase("eval_diagnostic"):
-        score = eval_val(model, val, d, h.slot_tokens)
-    log(f"eval_diagnostic val_loss: {score.loss:.6f} val_bpb: {score.bpb:.6f} tokens {score.tokens}")
-    starts, ends = find_docs(val.tokens, val.bos_id)
-    out, name, legal = dict(val_bpb_diagnostic=score.bpb, val_bpb_sliding=None), "eval_diagnostic", []
-    ttt = functools.partial(ttt_eval, budget=budget)
-    for key, on, fn in (("eval_sliding", h.sliding_enabled, eval_sliding), ("eval_ttt", h.ttt_enabled, ttt)):
+    log(f"eval_warmup: {timer.phases['eval_warmup']:.1f}s (random tokens, no val data)")
+    out, legal = dict(val_bpb_sliding=None), []
+    for name, on, fn in (("eval_diagnostic", True, eval_val), ("eval_sliding", h.sliding_enabled, eval_sliding),
+                         ("eval_ttt", h.ttt_enabled, functools.partial(ttt_eval, budget=timer))):
         if on:
-            score, v = scored_eval(key, fn, model, val, h, d, log, ledger, starts, ends)
-            name, legal = key, legal + [v]
-            out["val_bpb_sliding" if key == "eval_sliding" else "val_bpb_ttt"] = score.bpb
-    return summarize(out, score, name, legal, log, ledger, budget)
-
-
-def summarize(out, score, name, legal, log, ledger, budget: EvalBudget) -> dict:
-    legality = next((v for v in legal if v != "compliant"), "compliant")
-    strict = budget.slowest()
+            (score, verdict), scored_by = evaluate(name, fn, model, val, h, d, log, timer), name
+            out["val_bpb_" + name.removeprefix("eval_")], legal = score.bpb, legal + [verdict]
+    legality, strict = next((v for v in legal if v != "compliant"), "compliant"), timer.slowest()
     if legality != "compliant":
-        log("!" * 100 + f"\n!!! NON-COMPLIANT evaluation: {legality}\n" + "!" * 100)
-    parts = ", ".join(f"{k} {v:.1f}s" for k, v in ledger.seconds.items())
-    log(f"eval timing: scoring only ({name}) {ledger.seconds[name]:.1f}s, strict total {strict:.1f}s "
+        log(banner(f"NON-COMPLIANT evaluation: {legality}"))
+    parts = ", ".join(f"{k} {v:.1f}s" for k, v in timer.phases.items())
+    log(f"eval timing: scoring only ({scored_by}) {timer.phases[scored_by]:.1f}s, strict total {strict:.1f}s "
         f"(slowest rank, from the artifact load; {parts})")
-    out.update(val_bpb=score.bpb, val_loss=score.loss, scored_by=name, tokens_scored=score.tokens,
-               bytes_scored=score.bytes, eval_time_s=ledger.seconds[name], eval_strict_s=strict,
-               legality=legality, timings={k: round(v, 2) for k, v in ledger.seconds.items()})
+    out.update(val_bpb=score.bpb, val_loss=score.loss, scored_by=scored_by, tokens_scored=score.tokens,
+               bytes_scored=score.bytes, eval_time_s=timer.phases[scored_by], eval_strict_s=strict,
+               legality=legality, timings={k: round(v, 2) for k, v in timer.phases.items()})
     return out
-
-
-def eval_only_hash(meta: dict, overrides: dict) -> str:
-    """The artifact's config hash, or, with eval fields overridden, a hash of both."""
-    changed = {k: v[1] for k, v in overrides.items() if k.lower() not in NOT_HASHED}
-    if not changed:
-        return meta["config_hash"]
-    text = json.dumps([meta["config_hash"], changed], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def run_eval_only(h: Hyperparameters, meta: dict, overrides: dict, spec, d: Dist, val: ValData,
-                  backend: str, log, ledger) -> dict:
-    """EVAL_ONLY=path: no training; build the model the artifact describes, load it and score it."""
-    log(f"eval_only: {h.eval_only} from run {meta['run_id']} config_hash {meta['config_hash']} "
-        f"source_sha256 {meta['source_sha256'][:16]} data {meta['data']}")
-    for name, (theirs, used) in overrides.items():
-        log(f"eval_only: override {name}={used} (artifact: {theirs})")
-    acc = artifact_accounting(h.eval_only, h, log)
-    budget = EvalBudget(h.eval_budget_seconds, d.device)  # the strict eval starts here
-    with ledger.phase("load"):
-        model = load_artifact(h.eval_only, h, d, spec.bos_id, backend)
-    log(f"eval_only: loaded {h.eval_only} in {ledger.seconds['load']:.1f}s")
-    final = run_record(h, d, spec, val, eval_only_hash(meta, overrides))
-    final.update(artifact=h.eval_only, artifact_config_hash=meta["config_hash"],
-                 artifact_run_id=meta["run_id"], eval_overrides={k: v[1] for k, v in overrides.items()},
-                 **acc)
-    final.update(final_evaluation(model, val, h, d, log, ledger, budget))
-    return finish(final, h, log)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2851,15 +2812,11 @@ def run_eval_only(h: Hyperparameters, meta: dict, overrides: dict, spec, d: Dist
 # ------------------------------------------------------------------------------------------------
 
 
-def synthetic_batches(h: Hyperparameters, d: Dist, gen: torch.Generator) -> list:
-    """Random tokens with BOS every ~300 tokens: warms the compiled graphs without any real data."""
-    out = []
-    for _ in range(d.grad_accum):
-        row = torch.randint(4, h.vocab_size, (h.slot_tokens + 1,), generator=gen)
-        row[torch.rand(row.numel(), generator=gen) < 1 / 300] = 1
-        row = row.to(d.device)
-        out.append((row[None, :-1], row[None, 1:]))
-    return out
+def synthetic_batches(h: Hyperparameters, d: Dist, bos_id: int, gen: torch.Generator) -> list:
+    """One step's micro-batches of synthetic tokens in documents of 300 tokens."""
+    rows = [synthetic_tokens(h.slot_tokens + 1, h.vocab_size, bos_id, 300, gen).to(d.device)
+            for _ in range(d.grad_accum)]
+    return [(row[None, :-1], row[None, 1:]) for row in rows]
 
 
 def forward_backward(model: GPT, batches: list) -> torch.Tensor:
@@ -2874,42 +2831,20 @@ def forward_backward(model: GPT, batches: list) -> torch.Tensor:
 def compile_warmup(model: GPT, h: Hyperparameters, d: Dist, val_window: int) -> None:
     """Run every graph variant (loop off/on, each TRAIN_SEQ_SCHEDULE span, train and eval) on
     synthetic tokens, then restore the initial weights; the optimizers used here are thrown away."""
-    initial = copy.deepcopy(model.state_dict())
     opt, gen = Optimizers(model, d, h), torch.Generator().manual_seed(1234)
     spans = sorted({n for _, n in h.seq_plan} - {h.train_seq_len}) + [h.train_seq_len]
-    for looping in (False, True):
-        model.looping = looping
-        for span in spans:  # the varlen kernels take the span: a graph each; the last warms the steps
-            model.seq_len, last = span, span == h.train_seq_len
-            for _ in range(h.warmup_steps if last else 2):
-                forward_backward(model, synthetic_batches(h, d, gen))
+    with weights_restored(model):
+        for model.looping, span in [(looping, span) for looping in (False, True) for span in spans]:
+            model.seq_len, last = span, span == h.train_seq_len  # varlen kernels take the span: a graph each
+            for _ in range(h.warmup_steps if last else 2):  # the last span also warms the optimizer step
+                forward_backward(model, synthetic_batches(h, d, model.bos_id, gen))
                 if last:
                     opt.step(1.0, h.muon_momentum_warmup_start)
                 opt.zero_grad()
             with torch.no_grad():
-                x, y = synthetic_batches(h, d, gen)[0]
+                x, y = synthetic_batches(h, d, model.bos_id, gen)[0]
                 model(x[:, :val_window], y[:, :val_window])
-    model.load_state_dict(initial)
     model.looping = False
-
-
-class Clock:
-    """Training time in ms, synchronized across ranks (MAX) so decisions are collective."""
-
-    def __init__(self, d: Dist):
-        self.d, self.start, self.paused = d, time.perf_counter(), 0.0
-
-    def elapsed_ms(self) -> float:
-        if self.d.device.type == "cuda":
-            torch.cuda.synchronize(self.d.device)
-        t = torch.tensor([1000 * (time.perf_counter() - self.start - self.paused)], device=self.d.device)
-        return all_reduce(t, dist.ReduceOp.MAX if dist.is_initialized() else None).item()
-
-    @contextmanager
-    def pause(self):
-        t0 = time.perf_counter()
-        yield
-        self.paused += time.perf_counter() - t0
 
 
 def seq_span(frac: float, h: Hyperparameters) -> int:
@@ -2922,18 +2857,19 @@ def rewarm(steps_since: int, h: Hyperparameters) -> float:
     return min(1.0, (steps_since + 1) / max(h.seq_change_warmup_steps, 1))
 
 
-def train(model: GPT, h: Hyperparameters, d: Dist, spec: DataSpec, val: ValData, log) -> dict:
+def train(model: GPT, h: Hyperparameters, d: Dist, spec: DataSpec, val: ValData, log, timer: Timer) -> dict:
     loader, opt = TrainLoader(spec.train_files, h.slot_tokens, d), Optimizers(model, d, h)
-    ema, clock = EMA(model, h.ema_decay, h.ema_warmup), Clock(d)
+    ema = EMA(model, h.ema_decay, h.ema_warmup)
+    timer.restart()  # the training clock
     # each rank collects Hessians on 8/world of the calibration slots (29.9 s on one H100)
-    cap_ms = 1000 * (h.max_wallclock_seconds - h.gptq_reserve_seconds * 8 / d.world_size)
-    step, loop_at, loop_ms, elapsed, span_at = 0, None, 0.0, 0.0, -h.seq_change_warmup_steps
+    cap_s = h.max_wallclock_seconds - h.gptq_reserve_seconds * 8 / d.world_size
+    step, loop_at, loop_s, elapsed, span_at = 0, None, 0.0, 0.0, -h.seq_change_warmup_steps
     while True:
-        frac = elapsed / cap_ms if h.max_wallclock_seconds > 0 else step / h.iterations
+        frac = elapsed / cap_s if h.max_wallclock_seconds > 0 else step / h.iterations
         if frac >= 1 or step >= h.iterations:
             break
         if not model.looping and h.num_loops > 0 and frac >= h.enable_looping_at:
-            model.looping, loop_at, loop_ms = True, step, elapsed
+            model.looping, loop_at, loop_s = True, step, elapsed
             log(f"layer_loop:enabled step:{step} frac:{frac:.3f} order:{model.layer_order(True)}")
         if seq_span(frac, h) != model.seq_len:  # progressive context (PR #2014), re-warm-up after a change
             model.seq_len, span_at = seq_span(frac, h), step if step else span_at
@@ -2943,38 +2879,33 @@ def train(model: GPT, h: Hyperparameters, d: Dist, spec: DataSpec, val: ValData,
         opt.zero_grad()
         ema.update()
         step += 1
-        elapsed = clock.elapsed_ms()
+        elapsed = timer.slowest()
         if step <= 5 or step % h.train_log_every == 0:
             loss = all_reduce(loss.reshape(1)) / d.world_size  # mean over all 8 slots of the step
-            log(f"{step}/{h.iterations} train_loss: {loss.item():.4f} train_time: {elapsed / 6e4:.2f}m "
-                f"step_avg: {elapsed / step:.1f}ms tok/s: {step * h.train_batch_tokens / elapsed * 1e3:.0f}")
+            log(f"{step}/{h.iterations} train_loss: {loss.item():.4f} train_time: {elapsed / 60:.2f}m "
+                f"step_avg: {1000 * elapsed / step:.1f}ms tok/s: {step * h.train_batch_tokens / elapsed:.0f}")
         if h.val_loss_every and step % h.val_loss_every == 0:
-            with clock.pause():
-                s = eval_val(model, val, d, h.slot_tokens)
-            log(f"{step}/{h.iterations} val_loss: {s.loss:.4f} val_bpb: {s.bpb:.4f}")
-    cap = f"cap {cap_ms / 1000:.1f}s" if h.max_wallclock_seconds > 0 else f"ITERATIONS={h.iterations}, no time cap"
-    log(f"stopping: step {step} train_time {elapsed / 1000:.1f}s ({cap})")
-    raw = raw_eval(model, val, h, d, log)
+            with timer.phase(None, pause=True):  # off the training clock
+                evaluate("eval_periodic", eval_val, model, val, h, d, log, timer)
+    cap = f"cap {cap_s:.1f}s" if h.max_wallclock_seconds > 0 else f"ITERATIONS={h.iterations}, no time cap"
+    log(f"stopping: step {step} train_time {elapsed:.1f}s ({cap})")
+    raw = raw_eval(model, val, h, d, log, timer)
     ema.copy_to_model()
-    pre_loop = loop_ms / loop_at if loop_at else elapsed / max(step, 1)
-    post_loop = (elapsed - loop_ms) / (step - loop_at) if loop_at is not None and step > loop_at else None
-    return dict(steps=step, train_time_s=elapsed / 1000, step_avg_ms=elapsed / max(step, 1),
+    pre_loop = 1000 * (loop_s / loop_at if loop_at else elapsed / max(step, 1))
+    post_loop = 1000 * (elapsed - loop_s) / (step - loop_at) if loop_at is not None and step > loop_at else None
+    return dict(steps=step, train_time_s=elapsed, step_avg_ms=1000 * elapsed / max(step, 1),
                 step_avg_ms_noloop=pre_loop, step_avg_ms_loop=post_loop, loop_start_step=loop_at,
-                tokens_per_s=step * h.train_batch_tokens / max(elapsed, 1e-9) * 1000,
+                tokens_per_s=step * h.train_batch_tokens / max(elapsed, 1e-12),
                 val_bpb_raw=raw.bpb, val_loss_raw=raw.loss)
 
 
-def raw_eval(model: GPT, val: ValData, h: Hyperparameters, d: Dist, log) -> Score:
+def raw_eval(model: GPT, val: ValData, h: Hyperparameters, d: Dist, log, timer: Timer) -> Score:
     """Diagnostic score of the raw (pre-EMA) weights at the last step, after the training clock
     stopped (the record logs it). No gradients and frozen weights, as in precompile_eval, so the
     eval graphs compiled there serve it; nothing in the model or the EMA changes."""
-    t0 = time.perf_counter()
     model.requires_grad_(False)
-    with torch.no_grad():
-        score = eval_val(model, val, d, h.slot_tokens)
+    score, _ = evaluate("eval_raw", eval_val, model, val, h, d, log, timer)
     model.requires_grad_(True)
-    log(f"eval_raw (pre-EMA weights) val_loss: {score.loss:.6f} val_bpb: {score.bpb:.6f} "
-        f"({time.perf_counter() - t0:.1f}s)")
     return score
 
 
@@ -2984,14 +2915,13 @@ def raw_eval(model: GPT, val: ValData, h: Hyperparameters, d: Dist, log) -> Scor
 
 
 def log_header(log, h: Hyperparameters, d: Dist, spec: DataSpec, val: ValData, backend: str):
-    src = source_text()
-    log(f"source_sha256: {hashlib.sha256(src.encode()).hexdigest()}")
-    log(src, console=False)
+    log(f"source_sha256: {source_sha256()}")
+    log(source_text(), console=False)
     log(environment_report(d), console=False)
     log("Hyperparameters:")
     for k, v in sorted(dataclasses.asdict(h).items()):
         log(f"  {k}: {v}")
-    if not h.eval_only:  # an eval-only run reports the artifact's (run_eval_only)
+    if not h.eval_only:  # an eval-only run reports the artifact's (eval_only)
         log(f"config_hash: {h.config_hash(spec.identity)}")
     log(f"data: variant {spec.variant} byte_source {spec.byte_source} train_shards "
         f"{len(spec.train_files)} val_tokens {val.tokens.numel()} val_targets {val.num_targets} "
@@ -3000,12 +2930,19 @@ def log_header(log, h: Hyperparameters, d: Dist, spec: DataSpec, val: ValData, b
     fused = "Triton (MLP, CE) when taking gradients" if triton is not None and d.device.type == "cuda" else "none"
     log(f"world_size {d.world_size} grad_accum {d.grad_accum} attention {backend} fused kernels {fused}")
     if d.device.type == "cuda" and backend != "fa3":
-        log("!" * 100 + "\n!!! FlashAttention-3 (flash_attn_interface) is not used: attention runs on "
-            f"PyTorch's {backend} path.\n!!! Same math, slower steps: fewer steps fit the cap, so the "
-            "score is not record-comparable.\n" + "!" * 100)
+        log(banner("FlashAttention-3 (flash_attn_interface) is not used: attention runs on PyTorch's "
+                   f"{backend} path.\n!!! Same math, slower steps: fewer steps fit the cap, so the score is "
+                   "not record-comparable."))
 
 
-def quantize_fit(sd: dict, hess: dict, h, budget: int, log, ledger, meta: dict | None = None) -> tuple:
+FIT_TRIES = 3  # requantizations at most (each ~7 s GPTQ + ~7 s brotli on an H100)
+FIT_SLACK_BYTES = 4096  # aim this far under the cap: the size rule is approximate
+# (b, 2k) costs about what (b - 1, k) does (spec 5.3): past 2x the configured sigma every MLP weight
+# has lost a bit, so the model is too big for the cap and no sigma should hide that.
+FIT_MAX_SIGMA_RATIO = 2.0
+
+
+def quantize_fit(sd: dict, hess: dict, h, budget: int, log, timer, meta: dict | None = None) -> tuple:
     """GPTQ + serialize. While the blob exceeds `budget` bytes (and FIT_TO_CAP), raise the MLP clip
     sigma by the size rule H ~ bits - log2(k) (spec 5.3): MLP codes shrink by n/8 * log2(k'/k)
     bytes. The record tuned k by hand to land just under the cap; this does it per run, at most
@@ -3015,9 +2952,9 @@ def quantize_fit(sd: dict, hess: dict, h, budget: int, log, ledger, meta: dict |
     n_mlp = sum(t.numel() for n, t in sd.items() if tensor_class(n, t) == "mlp")
     k_max = FIT_MAX_SIGMA_RATIO * h.mlp_clip_sigmas
     for attempt in range(FIT_TRIES + 1):
-        with ledger.phase("gptq_quantize"):
+        with timer.phase("gptq_quantize"):
             qstate, _ = quantize_state_dict(sd, hess, h, log)
-        with ledger.phase("serialize"):
+        with timer.phase("serialize"):
             blob = serialize(qstate, h, meta)  # stored_bytes moves every tensor to the CPU
         over = len(blob) - budget
         stop = ("it fits" if over <= 0 else "FIT_TO_CAP=0" if not h.fit_to_cap else
@@ -3036,13 +2973,6 @@ def quantize_fit(sd: dict, hess: dict, h, budget: int, log, ledger, meta: dict |
         h.mlp_clip_sigmas = k
 
 
-FIT_TRIES = 3  # requantizations at most (each ~7 s GPTQ + ~7 s brotli on an H100)
-FIT_SLACK_BYTES = 4096  # aim this far under the cap: the size rule is approximate
-# (b, 2k) costs about what (b - 1, k) does (spec 5.3): past 2x the configured sigma every MLP weight
-# has lost a bit, so the model is too big for the cap and no sigma should hide that.
-FIT_MAX_SIGMA_RATIO = 2.0
-
-
 def code_room(code_path: str) -> int:
     """Bytes that the running file leaves the model under the cap. None left: refused before any
     training (FIT_TO_CAP could only requantize toward a useless model)."""
@@ -3053,20 +2983,20 @@ def code_room(code_path: str) -> int:
     return room
 
 
-def quantize_stage(model: GPT, spec: DataSpec, h, d, log, ledger, stats: dict) -> tuple:
+def quantize_stage(model: GPT, spec: DataSpec, h, d, log, timer, stats: dict) -> tuple:
     """Hessians (training data, inside the training budget), GPTQ, serialize, write."""
-    with ledger.phase("gptq_hessians"):
+    with timer.phase("gptq_hessians"):
         hess = collect_hessians(model, spec, h, d)
-    train_total = stats["train_time_s"] + ledger.seconds["gptq_hessians"]
+    train_total = stats["train_time_s"] + timer.phases["gptq_hessians"]
     cap = f" of {h.max_wallclock_seconds:.0f}s" if h.max_wallclock_seconds > 0 else " (no time cap)"
-    log(f"gptq: {len(hess)} hessians in {ledger.seconds['gptq_hessians']:.1f}s; training + "
+    log(f"gptq: {len(hess)} hessians in {timer.phases['gptq_hessians']:.1f}s; training + "
         f"hessians = {train_total:.1f}s{cap}")
     if h.max_wallclock_seconds and train_total > h.max_wallclock_seconds:
         log(f"WARNING: training data was read for {train_total:.1f}s, past the "
             f"{h.max_wallclock_seconds:.0f}s budget: raise GPTQ_RESERVE_SECONDS")
     sd = {k: v.detach().float() for k, v in model.state_dict().items()}
     budget = code_room(os.path.abspath(__file__))
-    blob, mlp_sigmas = quantize_fit(sd, hess, h, budget, log, ledger, artifact_meta(h, spec.identity))
+    blob, mlp_sigmas = quantize_fit(sd, hess, h, budget, log, timer, artifact_meta(h, spec.identity))
     path = os.path.join(h.artifact_dir, "final_model.ptz")
     if d.is_main:
         os.makedirs(h.artifact_dir, exist_ok=True)
@@ -3077,18 +3007,8 @@ def quantize_stage(model: GPT, spec: DataSpec, h, d, log, ledger, stats: dict) -
     if dist.is_initialized():
         dist.barrier()
     return path, dict(train_plus_hessians_s=train_total, mlp_clip_sigmas_used=mlp_sigmas,
-                      quant_time_s=ledger.seconds["gptq_hessians"] + ledger.seconds["gptq_quantize"],
-                      serialize_time_s=ledger.seconds["serialize"])
-
-
-def logged_eval(name: str, model: GPT, val: ValData, h, d, log, ledger) -> Score:
-    with ledger.phase(name):
-        score = eval_val(model, val, d, h.slot_tokens)
-    log(f"{name} val_loss: {score.loss:.6f} val_bpb: {score.bpb:.6f} targets {score.tokens} "
-        f"bytes {score.bytes} ({ledger.seconds[name]:.1f}s)")
-    if score.tokens != val.num_targets:
-        raise RuntimeError(f"{name}: scored {score.tokens} of {val.num_targets} val targets")
-    return score
+                      quant_time_s=timer.phases["gptq_hessians"] + timer.phases["gptq_quantize"],
+                      serialize_time_s=timer.phases["serialize"])
 
 
 def setup(h: Hyperparameters):
@@ -3098,11 +3018,11 @@ def setup(h: Hyperparameters):
     backend = pick_attention_backend(torch.device("cuda" if torch.cuda.is_available() else "cpu"),
                                      h.attn_backend, h)
     d = init_distributed(h)
-    log, ledger = Logger(h.run_id, d.is_main), Ledger(d.device)
+    log, timer = Logger(h.run_id, d.is_main), Timer(d.device)
     val = load_val_data(spec, h)
     log_header(log, h, d, spec, val, backend)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return spec, d, log, ledger, val, backend
+    return spec, d, log, timer, val, backend
 
 
 # Loop-off tokens/s per GPU at the record configuration (flex attention, bench-pack shards):
@@ -3176,18 +3096,29 @@ def data_blockers(data: dict) -> list:
     return []
 
 
-def run_record(h: Hyperparameters, d: Dist, spec: DataSpec, val: ValData, config_hash: str) -> dict:
-    """The keys every final_json starts with (tools read them)."""
+def score_artifact(path: str, h: Hyperparameters, d: Dist, spec: DataSpec, val: ValData, backend: str,
+                   log, timer: Timer) -> dict:
+    """The strict eval of training and EVAL_ONLY runs alike: count the artifact's bytes, then from
+    the load (EVAL_BUDGET_SECONDS runs from here) to the last score."""
+    acc = artifact_accounting(path, h, log)
+    timer.restart(h.eval_budget_seconds)
+    with timer.phase("load"):
+        model = load_artifact(path, h, d, spec.bos_id, backend)
+    log(f"load: {path} in {timer.phases['load']:.1f}s")
+    return {**acc, **final_evaluation(model, val, h, d, log, timer)}
+
+
+def final_record(h: Hyperparameters, d: Dist, spec: DataSpec, val: ValData, config_hash: str, log,
+                 **parts) -> dict:
+    """The final_json of any run: what ran where on which data (tools read these keys), the run's
+    `parts`, and whether it can back a record."""
     mode = "eval_only" if h.eval_only else "smoke" if h.smoke else "train"
     gpu = torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu"
     data = dict(variant=spec.variant, train_shards=len(spec.train_files), val_targets=val.num_targets,
                 manifest_sha256=spec.manifest_sha256, identity=spec.identity)
-    return dict(run_id=h.run_id, seed=h.seed, mode=mode, env_overrides=h.env_overrides,
-                config_hash=config_hash, source_sha256=hashlib.sha256(source_text().encode()).hexdigest(),
-                world_size=d.world_size, gpu=gpu, torch_version=torch.__version__, data=data)
-
-
-def finish(final: dict, h: Hyperparameters, log) -> dict:
+    final = dict(run_id=h.run_id, seed=h.seed, mode=mode, env_overrides=h.env_overrides,
+                 config_hash=config_hash, source_sha256=source_sha256(), world_size=d.world_size, gpu=gpu,
+                 torch_version=torch.__version__, data=data, **parts)
     why = record_blockers(final, h)
     final.update(record_eligible=not why, not_record_because=why)
     log("record_eligible: " + (f"no ({'; '.join(why)})" if why else "yes"))
@@ -3195,45 +3126,56 @@ def finish(final: dict, h: Hyperparameters, log) -> dict:
     return final
 
 
-def train_and_score(h: Hyperparameters, spec, d: Dist, log, ledger, val: ValData, backend: str) -> dict:
+def train_and_score(h: Hyperparameters, spec, d: Dist, log, timer: Timer, val: ValData, backend: str) -> dict:
     model = GPT(h, spec.bos_id, backend).to(d.device)
     log(f"model_params: {sum(p.numel() for p in model.parameters())}")
     if d.device.type == "cuda":
         compile_model(model)
-    with ledger.phase("compile_warmup"):
+    with timer.phase("compile_warmup"):
         compile_warmup(model, h, d, h.slot_tokens)
-    with ledger.phase("compile_eval"):
+    with timer.phase("compile_eval"):
         if d.device.type == "cuda":
             precompile_eval(model, h, d, spec.bos_id)
-    log(f"compile_warmup: train {ledger.seconds['compile_warmup']:.1f}s, eval "
-        f"{ledger.seconds['compile_eval']:.1f}s (synthetic tokens, before the training clock)")
+    log(f"compile_warmup: train {timer.phases['compile_warmup']:.1f}s, eval "
+        f"{timer.phases['compile_eval']:.1f}s (synthetic tokens, before the training clock)")
     graphs = [compiled_graphs()]
-    stats = train(model, h, d, spec, val, log)
+    stats = train(model, h, d, spec, val, log, timer)
     graphs.append(compiled_graphs())
     if d.device.type == "cuda":
         throughput_check(stats, h, d.world_size, torch.cuda.get_device_name(d.device), log)
     if h.prequant_ttt_epochs:  # ILLEGAL research mode (C3): stamped in final_json
-        with ledger.phase("prequant_ttt"):
+        with timer.phase("prequant_ttt"):
             prequant_ttt(model, val, h, d, log)
     stats["peak_mem_mib"] = (torch.cuda.max_memory_allocated(d.device) // 2**20
                              if d.device.type == "cuda" else None)
-    path, qstats = quantize_stage(model, spec, h, d, log, ledger, stats)
-    prequant = logged_eval("eval_prequant", model, val, h, d, log, ledger)
+    path, qstats = quantize_stage(model, spec, h, d, log, timer, stats)
+    prequant, _ = evaluate("eval_prequant", eval_val, model, val, h, d, log, timer)
     log(f"pre-quant val_bpb: raw weights {stats['val_bpb_raw']:.6f}, EMA {prequant.bpb:.6f}")
-    acc = artifact_accounting(path, h, log)
-    budget = EvalBudget(h.eval_budget_seconds, d.device)  # the strict eval starts here
-    with ledger.phase("load"):
-        qmodel = load_artifact(path, h, d, spec.bos_id, backend)
-        qmodel.looping = model.looping
     del model
-    final = run_record(h, d, spec, val, h.config_hash(spec.identity))
-    final.update(val_bpb_prequant=prequant.bpb, **stats, **qstats, **acc)
-    final.update(final_evaluation(qmodel, val, h, d, log, ledger, budget))  # diagnostic/sliding/TTT
-    final["val_bpb_quant"] = final["val_bpb_diagnostic"]
-    final["compiled_graphs"] = log_graphs(graphs + [compiled_graphs()], log)
-    if acc["artifact_bytes"] > ARTIFACT_CAP:
-        final["legality"] = f"artifact {acc['artifact_bytes']} B over the {ARTIFACT_CAP} B cap"
-    return finish(final, h, log)
+    scored = score_artifact(path, h, d, spec, val, backend, log, timer)
+    scored.update(val_bpb_quant=scored["val_bpb_diagnostic"],
+                  compiled_graphs=log_graphs(graphs + [compiled_graphs()], log))
+    if scored["artifact_bytes"] > ARTIFACT_CAP:
+        scored["legality"] = f"artifact {scored['artifact_bytes']} B over the {ARTIFACT_CAP} B cap"
+    return final_record(h, d, spec, val, h.config_hash(spec.identity), log, val_bpb_prequant=prequant.bpb,
+                        **stats, **qstats, **scored)
+
+
+def eval_only(h: Hyperparameters, meta: dict, overrides: dict, spec, d: Dist, val: ValData, backend: str,
+              log, timer: Timer) -> dict:
+    """EVAL_ONLY=path: no training; build the model the artifact describes, load it and score it.
+    Its config hash is the artifact's, or, with eval fields overridden, a hash of both."""
+    log(f"eval_only: {h.eval_only} from run {meta['run_id']} config_hash {meta['config_hash']} "
+        f"source_sha256 {meta['source_sha256'][:16]} data {meta['data']}")
+    for name, (theirs, used) in overrides.items():
+        log(f"eval_only: override {name}={used} (artifact: {theirs})")
+    changed = {k: v[1] for k, v in overrides.items() if k.lower() not in NOT_HASHED}
+    config_hash = meta["config_hash"] if not changed else hashlib.sha256(
+        json.dumps([meta["config_hash"], changed], sort_keys=True).encode()).hexdigest()[:16]
+    scored = score_artifact(h.eval_only, h, d, spec, val, backend, log, timer)
+    return final_record(h, d, spec, val, config_hash, log, artifact=h.eval_only,
+                        artifact_config_hash=meta["config_hash"], artifact_run_id=meta["run_id"],
+                        eval_overrides={k: v[1] for k, v in overrides.items()}, **scored)
 
 
 def eval_only_config(h: Hyperparameters) -> tuple:
@@ -3252,13 +3194,13 @@ def main():
     h, meta, overrides = load_config(), {}, {}
     if h.eval_only:
         meta, h, overrides = eval_only_config(h)
-    spec, d, log, ledger, val, backend = setup(h)
+    spec, d, log, timer, val, backend = setup(h)
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
     if h.eval_only:  # no training; score a saved artifact (mode "eval_only")
-        final = run_eval_only(h, meta, overrides, spec, d, val, backend, log, ledger)
+        final = eval_only(h, meta, overrides, spec, d, val, backend, log, timer)
     else:
-        final = train_and_score(h, spec, d, log, ledger, val, backend)
+        final = train_and_score(h, spec, d, log, timer, val, backend)
     if dist.is_initialized():
         dist.destroy_process_group()
     if not h.eval_only and final["artifact_bytes"] > ARTIFACT_CAP:

@@ -58,8 +58,7 @@ def main():
     model.load_state_dict(trained.state_dict())
     tg.compile_model(model)
     t0 = time.perf_counter()
-    budget = tg.EvalBudget(h.eval_budget_seconds, d.device)
-    out = tg.final_evaluation(model, val, h, d, log, tg.Ledger(d.device), budget)
+    out = tg.final_evaluation(model, val, h, d, log, tg.Timer(d.device, h.eval_budget_seconds))
     if not d.is_main:
         return
     print(f"final_evaluation {time.perf_counter() - t0:.1f}s; graphs compiled after precompile_eval: "

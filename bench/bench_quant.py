@@ -20,7 +20,7 @@ import train_gpt as tg  # noqa: E402
 
 def score(model, state, val, d, h) -> float:
     model.load_state_dict({k: v.to(d.device) for k, v in state.items()})
-    return tg.eval_val(model, val, d, h.slot_tokens).bpb
+    return tg.eval_val(model, val, h, d, tg.ScoreLedger(val.num_targets, d.device), print).bpb
 
 
 def main():

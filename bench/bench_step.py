@@ -73,7 +73,7 @@ def bench(batch_tokens: int, steps: int, d, backend: str):
     data = os.environ.get("BENCH_DATA")  # real documents: attention work depends on doc lengths
     if data:
         loader = tg.TrainLoader(tg.token_shards(data, "train"), h.slot_tokens, d)
-    next_batch = loader.next_step if data else (lambda: tg.synthetic_batches(h, d, gen))
+    next_batch = loader.next_step if data else (lambda: tg.synthetic_batches(h, d, 1, gen))
     for looping in (False, True):
         model.looping = looping
         batches = [next_batch() for _ in range(steps)]
@@ -91,14 +91,14 @@ def bench(batch_tokens: int, steps: int, d, backend: str):
         print(f"loop {'on' if looping else 'off'} per step (ms): " + " ".join(f"{t:.0f}" for t in per_step)
               + f" | median {sorted(per_step)[steps // 2]:.1f}", flush=True)
     if os.environ.get("BENCH_LOOP") == "1":  # what train() adds per step: the clock sync, EMA
-        model.looping, ema, clock = False, tg.EMA(model, h.ema_decay, h.ema_warmup), tg.Clock(d)
+        model.looping, ema, clock = False, tg.EMA(model, h.ema_decay, h.ema_warmup), tg.Timer(d.device)
         for extras in ("clock", "clock+ema"):
             batches = [next_batch() for _ in range(steps)]
             t0 = time.perf_counter()
             for b in batches:
                 tg.forward_backward(model, b); opt.step(1.0, 0.95); opt.zero_grad()
                 ema.update() if extras == "clock+ema" else None
-                clock.elapsed_ms()
+                clock.slowest()
             torch.cuda.synchronize()
             print(f"loop off with {extras} per step: {1000 * (time.perf_counter() - t0) / steps:.1f} ms")
     peak = torch.cuda.max_memory_allocated() / 2**30

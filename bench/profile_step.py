@@ -51,7 +51,7 @@ opt, gen = tg.Optimizers(model, d, h), torch.Generator().manual_seed(1)
 data = os.environ.get("BENCH_DATA")
 if data:
     loader = tg.TrainLoader(tg.token_shards(data, "train"), h.slot_tokens, d)
-batches = [loader.next_step() if data else tg.synthetic_batches(h, d, gen) for _ in range(3)]
+batches = [loader.next_step() if data else tg.synthetic_batches(h, d, 1, gen) for _ in range(3)]
 for b in batches[:2]:
     tg.forward_backward(model, b); opt.step(1.0, 0.95); opt.zero_grad()
 torch.cuda.synchronize()

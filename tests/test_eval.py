@@ -77,7 +77,7 @@ def test_sliding_and_nonoverlapping_score_every_target_once():
     led = tg.ScoreLedger(val.num_targets, CPU.device)
     sliding = tg.eval_sliding(model, val, h, CPU, led, quiet)
     checks = tg.check_ledger(led, tg.find_docs(val.tokens, 1)[0])
-    plain = tg.eval_val(model, val, CPU, 64)
+    plain = tg.eval_val(model, val, h, CPU, tg.ScoreLedger(val.num_targets, CPU.device), quiet)
     for s in (sliding, plain):
         assert s.tokens == val.num_targets and s.bytes == int(val.target_bytes.sum())
         assert math.isfinite(s.bpb) and s.bpb > 0
@@ -330,9 +330,28 @@ def test_ledger_checker():
     twice = ledger_verdict([("score", [(0, 0, 8), (1, 8, 20)]), ("score", [(1, 10, 11)])])
     missing = ledger_verdict([("score", [(0, 0, 8), (1, 8, 19)])])
     assert not twice["C4"] and not missing["C4"] and twice["C3"]
-    assert tg.verdict(early, tiny(), 20).startswith("C3")
-    assert tg.verdict(missing, tiny(), 20).startswith("C4")
-    assert tg.verdict(ok, tiny(PREQUANT_TTT_EPOCHS=1), 20) == "compliant"
+
+
+def legality_of(events, h):
+    """What evaluate() stamps on a pass that writes `events` to its ledger (20 targets, docs at 0, 8)."""
+    tokens = torch.full((21,), 5)
+    tokens[[0, 8]] = 1
+    val = tg.ValData(tokens, torch.ones(20, dtype=torch.long), 1)
+
+    def scoring(model, val, h, d, led, log):
+        for kind, rows in events:
+            led.record(kind, rows)
+        return tg.Score(0.0, 0, 0)
+    return tg.evaluate("eval_test", scoring, None, val, h, CPU, quiet, tg.Timer(CPU.device))[1]
+
+
+def test_evaluate_stamps_what_failed():
+    ok = [("score", [(0, 0, 8), (1, 8, 20)]), ("update", [(0, 0, 8)])]
+    assert legality_of(ok, tiny()) == "compliant"
+    assert legality_of(ok, tiny(PREQUANT_TTT_EPOCHS=1)) == "C3: pre-quant TTT trained on val before scoring"
+    early = [("score", [(0, 0, 4)]), ("update", [(0, 0, 6)]), ("score", [(0, 4, 8), (1, 8, 20)])]
+    assert legality_of(early, tiny()) == "C3: 1 optimizer steps used tokens before they were scored"
+    assert legality_of([("score", [(0, 0, 8), (1, 8, 19)])], tiny()).startswith("C4: 19 scores for 20")
 
 
 # ---- entry points -------------------------------------------------------------------------------
@@ -340,9 +359,9 @@ def test_ledger_checker():
 
 def test_final_evaluation_stamps_prequant_ttt():
     h, val = tiny(PREQUANT_TTT_EPOCHS=1, SLIDING_ENABLED=0), legality.synthetic_val()
-    model, ledger = legality.random_model(h), tg.Ledger(CPU.device)
+    model, timer = legality.random_model(h), tg.Timer(CPU.device, 600.0)
     tg.prequant_ttt(model, val, h, CPU, quiet)
-    out = tg.final_evaluation(model, val, h, CPU, quiet, ledger, tg.EvalBudget(600.0, CPU.device))
+    out = tg.final_evaluation(model, val, h, CPU, quiet, timer)
     assert out["legality"] == "C3: pre-quant TTT trained on val before scoring"
     assert "mode" not in out and out["scored_by"] == "eval_ttt"  # mode stays train; legality says it
     assert out["tokens_scored"] == val.num_targets and out["val_bpb_sliding"] is None
@@ -384,7 +403,7 @@ def test_eval_only_scores_a_saved_artifact(tmp_path, monkeypatch):
     assert final["mode"] == "eval_only" and final["legality"] == "compliant"
     assert final["artifact_config_hash"] == h.config_hash("fake") and not final["record_eligible"]
     assert final["tokens_scored"] == val.num_targets and final["scored_by"] == "eval_ttt"
-    plain = tg.eval_val(model, val, CPU, h.slot_tokens)  # the loaded weights are the saved ones
+    plain = tg.eval_val(model, val, h, CPU, tg.ScoreLedger(val.num_targets, CPU.device), quiet)  # saved weights
     assert final["val_bpb_diagnostic"] == pytest.approx(plain.bpb, rel=1e-6)
     assert {"load", "eval_warmup", "eval_sliding", "eval_ttt"} <= set(final["timings"])
 

@@ -188,6 +188,6 @@ def test_scheduled_spans_compile_nothing_after_the_warmup():
     for looping in (False, True):
         for span in (1024, 2048, 1024):
             model.looping, model.seq_len = looping, span
-            tg.forward_backward(model, tg.synthetic_batches(h, d, gen))
+            tg.forward_backward(model, tg.synthetic_batches(h, d, 1, gen))
     assert tg.compiled_graphs() == before
     torch._dynamo.reset()

@@ -7,6 +7,7 @@ from typing import Optional
 import pytest
 import torch
 
+import legality
 import train_gpt as tg
 
 BOS = 1
@@ -346,7 +347,7 @@ def test_asym_caps_learn_in_global_ttt_only():
     tg.training_state(model, h)
     assert not model.logit_caps.requires_grad and model.tok_emb.weight.requires_grad
     opt = tg.Optimizers(model, d, h)
-    tg.forward_backward(model, tg.synthetic_batches(h, d, torch.Generator().manual_seed(0)))
+    tg.forward_backward(model, tg.synthetic_batches(h, d, 1, torch.Generator().manual_seed(0)))
     opt.step(1.0, 0.9)
     assert model.logit_caps.tolist() == [3.0, 3.0]
     stream = docs_batch(1024).flatten()
@@ -403,7 +404,7 @@ def test_training_switches_spans_at_their_fractions_and_rewarms_the_lr(monkeypat
     h = tiny(TRAIN_SEQ_SCHEDULE="64@0.25,128@0.5,256@1.0", SEQ_CHANGE_WARMUP_STEPS=4, ITERATIONS=16,
              TRAIN_BATCH_TOKENS=8 * 256, NUM_LOOPS=0)
     d, gen = tg.Dist(0, 1, 0, torch.device("cpu")), torch.Generator().manual_seed(0)
-    monkeypatch.setattr(tg, "TrainLoader", lambda *a: type("L", (), {"next_step": lambda self: tg.synthetic_batches(h, d, gen)})())
+    monkeypatch.setattr(tg, "TrainLoader", lambda *a: type("L", (), {"next_step": lambda self: tg.synthetic_batches(h, d, 1, gen)})())
     lrs, step = [], tg.Optimizers.step
     monkeypatch.setattr(tg.Optimizers, "step", lambda self, lr, m: lrs.append(lr) or step(self, lr, m))
     model = tg.GPT(h, BOS, "sdpa")
@@ -411,7 +412,7 @@ def test_training_switches_spans_at_their_fractions_and_rewarms_the_lr(monkeypat
     tokens = torch.randint(4, 128, (2 * 256 + 1,), generator=gen)
     tokens[::256] = BOS
     val = tg.ValData(tokens, torch.ones(2 * 256), BOS)  # train() ends with the raw-weights eval
-    stats = tg.train(model, h, d, types.SimpleNamespace(train_files=[]), val, lambda *a: None)
+    stats = tg.train(model, h, d, types.SimpleNamespace(train_files=[]), val, lambda *a: None, tg.Timer(d.device))
     assert stats["steps"] == 16
     spans = [n for _, n, _ in seen][:16 * 8:8]  # 8 micro-steps per step (then the raw eval)
     assert spans == [64] * 5 + [128] * 4 + [256] * 7  # step/16 <= 0.25, <= 0.5, then the rest
@@ -439,8 +440,9 @@ def test_eval_context_reaches_beyond_the_train_span():
     tg.scoring_state(model, h)  # the sliding eval: target 3150 sees the token at 900
     scores = []
     for tokens in (torch.cat([idx[0], idx[0, 1:129]]), torch.cat([pert[0], idx[0, 1:129]])):
-        led = tg.ScoreLedger(tokens.numel() - 1, torch.device("cpu"), keep_nll=True)
-        tg.eval_sliding(model, tg.ValData(tokens, torch.ones(tokens.numel() - 1), BOS), h,
-                        tg.Dist(0, 1, 0, torch.device("cpu")), led, lambda *a: None)
+        led = tg.ScoreLedger(tokens.numel() - 1, torch.device("cpu"))
+        with legality.patched("account", legality.keeping_nll):  # per-target NLLs on led.nll
+            tg.eval_sliding(model, tg.ValData(tokens, torch.ones(tokens.numel() - 1), BOS), h,
+                            tg.Dist(0, 1, 0, torch.device("cpu")), led, lambda *a: None)
         scores.append(led.nll)
     assert scores[0][3150] != scores[1][3150] and torch.equal(scores[0][:899], scores[1][:899])  # causal

@@ -180,9 +180,9 @@ def test_budget_spent_before_ttt_cuts_global_sgd():
     is still scored, and the strict total counts the time before the eval."""
     h, val = legality.tiny_config(SLIDING_ENABLED=0, EVAL_BUDGET_SECONDS=600), legality.synthetic_val()
     model, lines = legality.random_model(h), []
-    budget = tg.EvalBudget(h.eval_budget_seconds, CPU.device)
+    budget = tg.Timer(CPU.device, h.eval_budget_seconds)
     budget.t0 -= 1000.0  # as if loading the artifact had taken 1000 s
-    out = tg.final_evaluation(model, val, h, CPU, lines.append, tg.Ledger(CPU.device), budget)
+    out = tg.final_evaluation(model, val, h, CPU, lines.append, budget)
     skipped = [l for l in lines if "skipped (budget" in l]
     assert len(skipped) == h.phased_ttt_num_phases and not any("sgd_steps" in l for l in lines)
     assert out["tokens_scored"] == val.num_targets and out["legality"] == "compliant"

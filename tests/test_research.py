@@ -154,15 +154,16 @@ def test_raw_eval_is_logged_and_changes_nothing(smoke_dir, tmp_path, monkeypatch
     torch.manual_seed(0)
     model = tg.GPT(h, spec.bos_id, "sdpa")
     lines = []
-    stats = tg.train(model, h, CPU, spec, val, lines.append)
+    stats = tg.train(model, h, CPU, spec, val, lines.append, tg.Timer(CPU.device))
     (raw_weights, score), = calls
     assert stats["val_bpb_raw"] == score.bpb and stats["val_loss_raw"] == score.loss
-    assert any(line.startswith("eval_raw (pre-EMA weights) val_loss") for line in lines)
+    assert any(line.startswith("eval_raw val_loss") for line in lines)
     fresh = tg.GPT(h, spec.bos_id, "sdpa")
     fresh.load_state_dict(raw_weights)
     fresh.looping = model.looping  # frac 0.5 >= ENABLE_LOOPING_AT: the loop is on at the end
     fresh.looping = model.looping  # the raw eval runs in the state training ended in
-    assert real_eval(fresh, val, CPU, h.slot_tokens).bpb == pytest.approx(score.bpb, rel=1e-6)
+    led = tg.ScoreLedger(val.num_targets, CPU.device)
+    assert real_eval(fresh, val, h, CPU, led, lines.append).bpb == pytest.approx(score.bpb, rel=1e-6)
     assert all(torch.equal(p.float(), s) for p, s in zip(model.parameters(), emas[0].shadow))
     assert not all(torch.equal(p, raw_weights[n]) for n, p in model.named_parameters())
     assert all(p.requires_grad for p in model.parameters())

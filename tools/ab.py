@@ -141,22 +141,22 @@ class Bench:
 
     def run(self, name: str, h: tg.Hyperparameters) -> dict:
         """Quantize, write, reload and score as main() does after training."""
-        t0, log, ledger = time.perf_counter(), self.log(name), tg.Ledger(self.d.device)
+        t0, log, timer = time.perf_counter(), self.log(name), tg.Timer(self.d.device)
         torch.manual_seed(h.seed)
         np.random.seed(h.seed)
         hess = self.hessians_for(h)
-        blob, sigma = tg.quantize_fit(self.sd, hess, h, self.budget, lambda *a, **k: None, ledger)
+        blob, sigma = tg.quantize_fit(self.sd, hess, h, self.budget, lambda *a, **k: None, timer)
         path = os.path.join(self.workdir, f"ab_{name}.ptz")
         if self.d.is_main:
             with open(path, "wb") as f:
                 f.write(blob)
         if dist.is_initialized():
             dist.barrier()
-        budget = tg.EvalBudget(h.eval_budget_seconds, self.d.device)  # from the load, as in main()
-        with ledger.phase("load"):
+        timer.restart(h.eval_budget_seconds)  # the strict eval starts at the load, as in main()
+        with timer.phase("load"):
             model = tg.load_artifact(path, h, self.d, self.spec.bos_id, self.backend)
             model.looping = self.looping
-        out = tg.final_evaluation(model, self.val, h, self.d, log, ledger, budget)
+        out = tg.final_evaluation(model, self.val, h, self.d, log, timer)
         return dict(variant=name, val_bpb=out["val_bpb"], val_loss=out["val_loss"], scored_by=out["scored_by"],
                     val_bpb_diagnostic=out["val_bpb_diagnostic"], model_bytes=len(blob),
                     mlp_clip_sigmas_used=sigma, legality=out["legality"], eval_time_s=out["eval_time_s"],

@@ -8,8 +8,10 @@
 
 A tiny model whose every parameter is random (so zero-initialized gates cannot hide a leak)
 scores synthetic documents through the real eval functions of train_gpt.py: eval_sliding and
-ttt_eval (LoRA adapters, SmearGate, length buckets, phased global SGD), with their ledgers, each
-also with the token n-gram tilt on (NGRAM_BOOST; order 2 here, so hints fire on random tokens).
+ttt_eval (LoRA adapters, SmearGate, length buckets, phased global SGD), each run by
+train_gpt.evaluate with its ledger, each
+also with the token n-gram tilt on (NGRAM_BOOST; order 2 here, so hints fire on random tokens). Per-target NLLs are read off train_gpt.account, which every
+eval calls with the targets it scores.
 
   C1 causal        Change token t. Every score fixed before t was revealed must not move: the
                    targets scored at an earlier ledger clock, and those of the same scoring event
@@ -32,12 +34,14 @@ also with the token n-gram tilt on (NGRAM_BOOST; order 2 here, so hints fire on 
   C3, C4           The ledger the pipeline wrote: each update only after the scores of the doc
                    prefix it consumed; each target scored exactly once.
 
-Variants (test-only hooks that must make the tool fail): leaky-smear turns off SmearGate's BOS
-mask only (attention keeps its document mask); score-after-update takes each chunk's AdamW step
-before scoring it; prequant-ttt runs train_gpt.prequant_ttt (AdamW on val) before every eval;
+Variants (illegal pipelines built here, from the outside, that must make the tool fail):
+leaky-smear turns off SmearGate's BOS mask only (attention keeps its document mask);
+score-after-update swaps in a TTT chunk step that takes its AdamW step before scoring the chunk;
+prequant-ttt runs train_gpt.prequant_ttt (AdamW on val) before every eval;
 tilt-reads-target hints each target with its own realized token (the channels #1967 rejected).
 """
 import argparse
+import contextlib
 import os
 import sys
 
@@ -123,45 +127,77 @@ class NormProbe:
         return out
 
 
-class ProbeLedger(tg.ScoreLedger):
-    """The ledger of a probed run: also the probe's substitute-token NLL of every scored target."""
+@contextlib.contextmanager
+def patched(name: str, make):
+    """train_gpt.<name> replaced by make(the original) inside the block."""
+    real = getattr(tg, name)
+    setattr(tg, name, make(real))
+    try:
+        yield
+    finally:
+        setattr(tg, name, real)
 
-    def __init__(self, n: int, probe: NormProbe):
-        super().__init__(n, CPU.device, keep_nll=True)
-        self.probe, self.alt = probe, torch.full((n,), float("nan"))
 
-    def record(self, kind, rows, idx=None, nll=None, mask=None):
-        super().record(kind, rows, idx, nll, mask)
-        if nll is not None:
-            self.alt[idx[mask]] = self.probe.alt[mask].float()
+def keeping_nll(account, probe=None):
+    """tg.account that also keeps each scored target's NLL on its ledger, as led.nll, and with a
+    probe the NLL its last forward gave the substitute token, as led.alt (C1 own token)."""
+    def keep(led, tbytes, nll, idx, scored, rows):
+        if not hasattr(led, "nll"):
+            led.nll, led.alt = torch.full((led.n,), float("nan")), torch.full((led.n,), float("nan"))
+        led.nll[idx[scored].cpu()] = nll.detach()[scored].float().cpu()
+        if probe is not None:
+            led.alt[idx[scored].cpu()] = probe.alt[scored].float().cpu()
+        return account(led, tbytes, nll, idx, scored, rows)
+    return keep
+
+
+def scoring_after_update(_):
+    """ILLEGAL on purpose: tg.ttt_chunk with its halves swapped, the AdamW step on the chunk first
+    (recorded as such), then the chunk's score with the adapters it just trained."""
+    def chunk(model, lora, opt, vd, p, h, led, tilt):
+        L = tg.ttt_bucket(int((p["ce"] - p["ws"]).max()), h.ttt_eval_seq_len)
+        x, y, idx, scored = tg.window_rows(vd.tokens, p["ws"], p["ce"], p["cs"], h.ttt_batch_size, L)
+        if p["step"].any() and opt is not None:
+            nll = model(x, y, tg.lora_view(lora, model.compute_dtype), tg.tilt_rows(tilt, idx))
+            w = tg.to_device(p["step"].astype(np.float32), nll.device)
+            ((nll * scored).sum(1) / scored.sum(1).clamp_min(1) * w).sum().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            led.record("update", np.stack([p["doc"], p["s"], p["ce"]], 1)[p["step"]])
+        with torch.no_grad():
+            nll = model(x, y, tg.lora_view(lora, model.compute_dtype), tg.tilt_rows(tilt, idx))
+        rows = np.stack([p["doc"], p["cs"], p["ce"]], 1)[p["live"]]
+        return tg.account(led, vd.target_bytes, nll, idx, scored, rows)
+    return chunk
 
 
 def run(pipeline: str, val: tg.ValData, variant: str, probe: bool = False):
-    """One full eval of `val` on a fresh random model; returns its ledger (per-target NLLs kept)."""
+    """One full eval of `val` on a fresh random model through tg.evaluate; returns its ledger
+    (per-target NLLs kept) and the model."""
     kind, over = PIPELINES[pipeline]
     h = tiny_config(**over, **({"PREQUANT_TTT_EPOCHS": 1} if variant == "prequant-ttt" else {}))
     model, quiet = random_model(h), lambda *a, **k: None
-    if variant == "leaky-smear":  # TEST HOOK: the smear no longer stops at BOS; attention still does
+    if variant == "leaky-smear":  # the smear no longer stops at BOS; attention still does
         model.bos_id = -1
         model.attention_segments = lambda idx: tg.segment_ids(idx, BOS, h.train_seq_len)
-    if probe:
-        model.nll = NormProbe(model.nll)
-    n = val.num_targets
-    led = ProbeLedger(n, model.nll) if probe else tg.ScoreLedger(n, CPU.device, keep_nll=True)
     if variant == "prequant-ttt":
         tg.prequant_ttt(model, val, h, CPU, quiet)
-        tg.mark_prequant(led, *tg.find_docs(val.tokens, BOS))
-    hints = tg.ngram_hints
-    if variant == "tilt-reads-target":  # TEST HOOK: each target's hint is its realized token
-        tg.ngram_hints = lambda v, starts, h: v.tokens[1:].clone()
-    try:
-        if kind == "sliding":
-            tg.eval_sliding(model, val, h, CPU, led, quiet)
-        else:
-            tg.ttt_eval(model, val, h, CPU, led, quiet, score_after_update=variant == "score-after-update")
-    finally:
-        tg.ngram_hints = hints
-    return led, model
+    if probe:
+        model.nll = NormProbe(model.nll)
+    fn, leds = tg.eval_sliding if kind == "sliding" else tg.ttt_eval, []
+
+    def scored(model, val, h, d, led, log):
+        leds.append(led)
+        return fn(model, val, h, d, led, log)
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(patched("account", lambda real: keeping_nll(real, model.nll if probe else None)))
+        if variant == "score-after-update":
+            stack.enter_context(patched("ttt_chunk", scoring_after_update))
+        if variant == "tilt-reads-target":  # each target's hint is its own realized token
+            stack.enter_context(patched("ngram_hints", lambda real: lambda v, starts, h: v.tokens[1:].clone()))
+        tg.evaluate(kind, scored, model, val, h, CPU, quiet, tg.Timer(CPU.device))
+    return leds[0], model
 
 
 def perturb(val: tg.ValData, t: int) -> tg.ValData:
