@@ -1880,14 +1880,11 @@ def dequantize_state_dict(qstate: dict) -> dict:
     return {name: dequantize_entry(e) for name, e in qstate.items()}
 
 
-def matrix_errors(sd: dict, qstate: dict, names) -> dict:
-    """||W - W_hat||_F^2 per name, on the CPU (dequantized weights live there)."""
-    return {n: (sd[n].detach().cpu().float() - dequantize_entry(qstate[n])).pow(2).sum().item()
-            for n in names}
-
-
-def apply_lqer(sd: dict, qstate: dict, errs: dict, h) -> list:
-    """Add LQER factors to the top_k matrices by quantization error; returns their names."""
+def apply_lqer(sd: dict, qstate: dict, h) -> list:
+    """Add LQER factors to the LQER_TOP_K GPTQ'd matrices of largest ||W - W_hat||_F^2 (taken on
+    the CPU, where dequantized weights live); returns their names."""
+    errs = {n: (t.detach().cpu().float() - dequantize_entry(qstate[n])).pow(2).sum().item()
+            for n, t in sd.items() if tensor_class(n, t) in MATRIX_CLASSES}
     top = sorted(errs, key=lambda n: (-errs[n], n))[: h.lqer_top_k]
     for n in top:
         W = sd[n].detach().float()
@@ -1896,32 +1893,22 @@ def apply_lqer(sd: dict, qstate: dict, errs: dict, h) -> list:
     return top
 
 
-def quantize_state_dict(sd: dict, hessians: dict, h, log=print) -> tuple:
-    """Quantize a float state dict (spec 5.3-5.4). Returns (qstate, stats): qstate maps each name
-    to an entry {kind, [bits], tensors...} that serialize() writes and dequantize_state_dict()
-    reads; stats has per-category counts, the squared error before/after LQER, and the time."""
-    t0 = time.perf_counter()
+def quantize_state_dict(sd: dict, hessians: dict, h, log=print) -> dict:
+    """Quantize a float state dict (spec 5.3-5.4) into the qstate: each name maps to an entry
+    {kind, [bits], tensors...} that serialize() writes and dequantize_state_dict() reads. Logs
+    one line per treatment with the names it got."""
     qstate, labels = {}, {}
     awq = awq_groups(sd, hessians, h) if h.awq_lite_groups else {}
     for name, t in sd.items():
         qstate[name], labels[name] = quantize_tensor(name, t, hessians, h, awq.get(name, ()))
-    mats = [n for n, t in sd.items() if tensor_class(n, t) in MATRIX_CLASSES]
-    errs = matrix_errors(sd, qstate, mats)
-    lqer = apply_lqer(sd, qstate, errs, h) if h.lqer_enabled else []
-    for n in lqer:
+    for n in apply_lqer(sd, qstate, h) if h.lqer_enabled else []:
         labels[n] += "+lqer_asym"
-    final = {**errs, **matrix_errors(sd, qstate, lqer)}
     cats = {}
     for name, label in labels.items():
         cats.setdefault(label, []).append(name)
     for label in sorted(cats):
         log(f"{label}: {', '.join(cats[label])}")
-    return qstate, {
-        "counts": {k: len(v) for k, v in sorted(cats.items())}, "lqer": lqer,
-        "err_sq_gptq": sum(errs.values()), "err_sq_final": sum(final.values()),
-        "weight_sq": sum(sd[n].detach().float().pow(2).sum().item() for n in mats),
-        "seconds": time.perf_counter() - t0,
-    }
+    return qstate
 
 
 # Container: MAGIC, version byte, compressor byte, 8 bytes of sha256(payload), then the compressed
@@ -2953,7 +2940,7 @@ def quantize_fit(sd: dict, hess: dict, h, budget: int, log, timer, meta: dict | 
     k_max = FIT_MAX_SIGMA_RATIO * h.mlp_clip_sigmas
     for attempt in range(FIT_TRIES + 1):
         with timer.phase("gptq_quantize"):
-            qstate, _ = quantize_state_dict(sd, hess, h, log)
+            qstate = quantize_state_dict(sd, hess, h, log)
         with timer.phase("serialize"):
             blob = serialize(qstate, h, meta)  # stored_bytes moves every tensor to the CPU
         over = len(blob) - budget

@@ -387,7 +387,7 @@ def test_eval_only_scores_a_saved_artifact(tmp_path, monkeypatch):
     h, val = tiny(), legality.synthetic_val()
     model = legality.random_model(h)
     sd = {k: v.detach().float() for k, v in model.state_dict().items()}
-    qstate, _ = tg.quantize_state_dict(sd, {}, h, log=lambda *a: None)  # no Hessians: rounding
+    qstate = tg.quantize_state_dict(sd, {}, h, log=lambda *a: None)  # no Hessians: rounding
     (tmp_path / "model.pt").write_bytes(tg.serialize(qstate, h, tg.artifact_meta(h, "fake")))
     model.load_state_dict(tg.dequantize_state_dict(qstate))  # what the artifact encodes
     tok = fake_data_dir(str(tmp_path / "data"), val)

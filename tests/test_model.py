@@ -354,7 +354,7 @@ def test_asym_caps_learn_in_global_ttt_only():
     tg.global_sgd(model, stream, h, d, None, lambda *a: None, "test")
     assert model.logit_caps[0] != 3.0 and model.logit_caps[1] != 3.0
     sd = {k: v.detach().float() for k, v in model.state_dict().items()}
-    qstate, _ = tg.quantize_state_dict(sd, {}, h, log=lambda *a: None)
+    qstate = tg.quantize_state_dict(sd, {}, h, log=lambda *a: None)
     assert qstate["logit_caps"]["kind"] == "fp16"
     assert torch.equal(tg.dequantize_state_dict(qstate)["logit_caps"], model.logit_caps.half().float())
 

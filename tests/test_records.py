@@ -117,7 +117,7 @@ def test_every_field_is_classified_once():
 def tiny_blob(h, **meta_over):
     model = legality.random_model(h)
     sd = {k: v.detach().float() for k, v in model.state_dict().items()}
-    qstate, _ = tg.quantize_state_dict(sd, {}, h, log=lambda *a: None)
+    qstate = tg.quantize_state_dict(sd, {}, h, log=lambda *a: None)
     return tg.serialize(qstate, h, {**tg.artifact_meta(h, "data1"), **meta_over}), qstate
 
 
