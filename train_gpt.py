@@ -573,6 +573,12 @@ def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
     return t
 
 
+def all_reduce_flat(tensors: list) -> list:
+    """Sums of many small tensors over ranks in one collective (one flat buffer), as views."""
+    flat = all_reduce(torch.cat([t.flatten() for t in tensors]))
+    return [f.view_as(t) for f, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
 def source_text() -> str:
     """The readable source that is running (a packed launcher passes it in as __source__)."""
     return globals().get("__source__") or open(__file__, encoding="utf-8").read()
@@ -1552,11 +1558,8 @@ class Optimizers:
     def step(self, lr_mult: float, momentum: float) -> float:
         handles = self.muon.reduce_grads()  # async reduce-scatter of the matrix stacks
         grads = [p.grad for p in self.replicated]
-        if self.d.world_size > 1:  # the small replicated tensors travel as one flat buffer
-            flat = torch.cat([g.flatten() for g in grads])
-            dist.all_reduce(flat)
-            flat /= self.d.world_size
-            torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
+        if self.d.world_size > 1:
+            torch._foreach_copy_(grads, torch._foreach_div(all_reduce_flat(grads), self.d.world_size))
         for hd in handles:
             hd.wait()
         # Global norm: the Muon shards are disjoint across ranks, the replicated grads identical.
@@ -2536,22 +2539,17 @@ def chunks_of(docs, starts, ends, h) -> int:
 @dataclass
 class Progress:
     """One rank's TTT state: score sums, scored docs as (batch, position, doc), chunk steps done
-    and left, and seconds spent scoring and in global SGD."""
+    and left (the seconds are the Timer's phases)."""
     acc: torch.Tensor
     steps_left: int
     done: list = field(default_factory=list)
     batches: int = 0
     steps_done: int = 0
-    scoring_s: float = 0.0
-    sgd_s: float = 0.0
 
     def add_batch(self, b: int, docs, sums, steps: int):
         self.acc += sums
         self.done += [(b, i, int(doc)) for i, doc in enumerate(docs)]
         self.batches, self.steps_done, self.steps_left = self.batches + 1, self.steps_done + steps, self.steps_left - steps
-
-    def projected_s(self) -> float:  # conservative: later batches use shorter windows
-        return self.scoring_s / max(self.steps_done, 1) * self.steps_left
 
 
 def scored_prefix(done: list, bound: int, d: Dist) -> np.ndarray:
@@ -2582,10 +2580,9 @@ def stream_step(model: GPT, stream, lo: int, hi: int, h, d: Dist, opt, lr: float
         ((model(x, y) * m).sum() / (hi - lo)).backward()
     params = [p for p in model.parameters() if p.requires_grad]
     if d.world_size > 1:
-        flat = all_reduce(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
-                                     for p in params]))
-        for p, g in zip(params, flat.split([p.numel() for p in params])):
-            p.grad = g.view_as(p)
+        sums = all_reduce_flat([torch.zeros_like(p) if p.grad is None else p.grad for p in params])
+        for p, g in zip(params, sums):
+            p.grad = g
     torch.nn.utils.clip_grad_norm_(params, GLOBAL_TTT_GRAD_CLIP)
     for g in opt.param_groups:
         g["lr"] = lr
@@ -2593,24 +2590,32 @@ def stream_step(model: GPT, stream, lo: int, hi: int, h, d: Dist, opt, lr: float
     opt.zero_grad(set_to_none=True)
 
 
+def cosine(peak: float, i: int, n: int) -> float:
+    return peak * 0.5 * (1 + math.cos(math.pi * i / n))
+
+
+def stream_steps(model: GPT, stream, spans: list, h, d: Dist, opt, budget, log, tag: str) -> int:
+    """stream_step on each (lo, hi, lr) of `spans`, stopping when `budget` (if any) would run out."""
+    for steps, (lo, hi, lr) in enumerate(spans):
+        if budget is not None and not budget.fits():
+            log(f"{tag}: stopped after {steps} of {len(spans)} steps "
+                f"(EVAL_BUDGET_SECONDS={h.eval_budget_seconds:g} would be exceeded)")
+            return steps
+        stream_step(model, stream, lo, hi, h, d, opt, lr)
+    return len(spans)
+
+
 def global_sgd(model: GPT, stream, h: Hyperparameters, d: Dist, budget, log, tag: str) -> int:
     """SGD with momentum on every base weight over `stream` (the prefix docs' tokens, in scoring
     order): one step per GLOBAL_TTT_CHUNK_TOKENS chunk, the last chunk skipped, LR cosine over
     chunks. The forward is GPT.forward, documents kept apart by its BOS masking."""
     ct = h.global_ttt_chunk_tokens
-    n_chunks = -(-(stream.numel() - 1) // ct)
+    n = -(-(stream.numel() - 1) // ct) - 1  # chunks stepped on
+    spans = [(c * ct, (c + 1) * ct, cosine(h.global_ttt_lr, c, n)) for _ in range(GLOBAL_TTT_EPOCHS)
+             for c in range(n)]
     opt = torch.optim.SGD(model.parameters(), lr=h.global_ttt_lr, momentum=GLOBAL_TTT_MOMENTUM)
     model.requires_grad_(True)
-    steps = 0
-    for k in range(GLOBAL_TTT_EPOCHS * (n_chunks - 1)):
-        c = k % (n_chunks - 1)
-        if budget is not None and not budget.fits():
-            log(f"{tag}: stopped after {steps} of {GLOBAL_TTT_EPOCHS * (n_chunks - 1)} steps "
-                f"(EVAL_BUDGET_SECONDS={h.eval_budget_seconds:g} would be exceeded)")
-            break
-        lr = h.global_ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (n_chunks - 1)))
-        stream_step(model, stream, c * ct, (c + 1) * ct, h, d, opt, lr)
-        steps += 1
+    steps = stream_steps(model, stream, spans, h, d, opt, budget, log, tag)
     model.requires_grad_(False)
     return steps
 
@@ -2618,18 +2623,17 @@ def global_sgd(model: GPT, stream, h: Hyperparameters, d: Dist, budget, log, tag
 def ttt_pause(model, val, starts, ends, bound, phase, prog: Progress, h, d, led, log, budget):
     """Phase pause: align clocks, take the first `bound` scored docs, global SGD on them."""
     led.sync()
-    budget.reserve = prog.projected_s()
-    t0 = budget.elapsed()
+    # the scoring left, at the pace so far (conservative: later batches use shorter windows)
+    budget.reserve = budget.phases["ttt_lora_scoring"] / max(prog.steps_done, 1) * prog.steps_left
     prefix = scored_prefix(prog.done, bound, d)
     if not budget.fits():
         log(f"ttpp: phase:{phase + 1} skipped (budget: projected scoring {budget.reserve:.0f}s left)")
         return
     led.record("update", np.stack([prefix, starts[prefix], ends[prefix]], 1))
     n = val.num_targets  # the stream's last doc keeps its final token
-    stream = torch.cat([val.tokens[starts[k]:ends[k] + (ends[k] == n)] for k in prefix]).to(d.device)
-    steps = global_sgd(model, stream, h, d, budget, log, f"tttg phase:{phase + 1}")
-    prog.sgd_s += budget.elapsed() - t0
-    budget.phases[f"ttt_phase{phase + 1}_global_sgd"] = budget.elapsed() - t0
+    with budget.phase(f"ttt_phase{phase + 1}_global_sgd"):
+        stream = torch.cat([val.tokens[starts[k]:ends[k] + (ends[k] == n)] for k in prefix]).to(d.device)
+        steps = global_sgd(model, stream, h, d, budget, log, f"tttg phase:{phase + 1}")
     log(f"ttpp: phase:{phase + 1} docs:{prefix.size} tokens:{stream.numel()} sgd_steps:{steps} "
         f"t:{budget.elapsed():.1f}s")
 
@@ -2650,20 +2654,19 @@ def ttt_eval(model: GPT, val: ValData, h: Hyperparameters, d: Dist, led: ScoreLe
     prog = Progress(torch.zeros(3, dtype=torch.float64, device=d.device), sum(steps[d.rank::d.world_size]))
     for phase, (cut, bound) in enumerate(cuts + [(len(queue), None)]):
         reset_lora(lora, h.seed * 1000 + phase)
-        t0 = budget.elapsed()
-        for b in range(begin + d.rank, cut, d.world_size):
-            reset_lora(lora, None if h.ttt_warm_start_a else h.seed * 1000003 + b)
-            sums = ttt_batch(model, lora, queue[b], starts, ends, vd, h, led, tilt)
-            prog.add_batch(b, queue[b], sums, steps[b])
-            if prog.batches % max(1, len(queue) // (20 * d.world_size)) == 0:
-                log_ttt_batch(log, b, len(queue), prog, budget, ends[queue[b]] - starts[queue[b]])
-        prog.scoring_s += budget.elapsed() - t0
+        with budget.phase("ttt_lora_scoring"):
+            for b in range(begin + d.rank, cut, d.world_size):
+                reset_lora(lora, None if h.ttt_warm_start_a else h.seed * 1000003 + b)
+                sums = ttt_batch(model, lora, queue[b], starts, ends, vd, h, led, tilt)
+                prog.add_batch(b, queue[b], sums, steps[b])
+                if prog.batches % max(1, len(queue) // (20 * d.world_size)) == 0:
+                    log_ttt_batch(log, b, len(queue), prog, budget, ends[queue[b]] - starts[queue[b]])
         if bound is not None:
             ttt_pause(model, val, starts, ends, bound, phase, prog, h, d, led, log, budget)
         begin = cut
-    budget.phases["ttt_lora_scoring"] = prog.scoring_s
-    log(f"ttt done at eval clock {budget.elapsed():.1f}s (rank 0: LoRA scoring {prog.scoring_s:.1f}s, "
-        f"global SGD {prog.sgd_s:.1f}s)")
+    sgd_s = sum(v for k, v in budget.phases.items() if k.endswith("_global_sgd"))
+    log(f"ttt done at eval clock {budget.elapsed():.1f}s (rank 0: LoRA scoring "
+        f"{budget.phases['ttt_lora_scoring']:.1f}s, global SGD {sgd_s:.1f}s)")
     return reduce_score(*prog.acc)
 
 
@@ -2705,13 +2708,13 @@ def prequant_ttt(model: GPT, val: ValData, h: Hyperparameters, d: Dist, log):
     the artifact keeps it)."""
     log(banner("NON-COMPLIANT: PREQUANT_TTT_EPOCHS>0 trains on val before scoring (C3). Research only, "
                "never a record."))
-    stream, ct = val.tokens.to(d.device), h.global_ttt_chunk_tokens
+    stream, ct, n = val.tokens.to(d.device), h.global_ttt_chunk_tokens, val.num_targets
     opt = torch.optim.AdamW(model.parameters(), lr=h.prequant_ttt_lr, weight_decay=0.0)
     model.requires_grad_(True)
     for ep in range(h.prequant_ttt_epochs):
-        lr = h.prequant_ttt_lr * 0.5 * (1 + math.cos(math.pi * ep / h.prequant_ttt_epochs))
-        for lo in range(0, val.num_targets, ct):
-            stream_step(model, stream, lo, min(lo + ct, val.num_targets), h, d, opt, lr)
+        lr = cosine(h.prequant_ttt_lr, ep, h.prequant_ttt_epochs)
+        stream_steps(model, stream, [(lo, min(lo + ct, n), lr) for lo in range(0, n, ct)], h, d, opt, None,
+                     log, "prequant_ttt")
         log(f"prequant_ttt: epoch {ep + 1}/{h.prequant_ttt_epochs} lr {lr:.2e}")
 
 
