@@ -441,8 +441,6 @@ def load_config(environ=None) -> Hyperparameters:
             close = typo_of(key, fields)
             hint = f" (did you mean {close}?)" if close else ""
             raise ValueError(f"unknown env var {key}{hint}; `python train_gpt.py --help` lists all")
-    if values.get("eval_only") and values.get("prequant_ttt_epochs"):
-        raise ValueError("PREQUANT_TTT_EPOCHS needs a training run; unset it with EVAL_ONLY")
     if values.get("smoke"):
         values = {**SMOKE_PRESET, **values}
     h = Hyperparameters(**values)

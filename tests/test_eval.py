@@ -441,8 +441,6 @@ def test_config_fields_and_old_names():
                      ("PREQUANT_TTT_FREEZE_BLOCKS", "unknown")):
         with pytest.raises(ValueError, match=new):
             tg.load_config({old: "1"})
-    with pytest.raises(ValueError, match="EVAL_ONLY"):
-        tg.load_config({"EVAL_ONLY": "x.pt", "PREQUANT_TTT_EPOCHS": "1"})
 
 
 # ---- two gloo ranks --------------------------------------------------------------------------
