@@ -428,13 +428,7 @@ def test_precompiled_eval_graphs_serve_a_fresh_model():
     torch._dynamo.reset()
 
 
-def test_config_fields_and_old_names():
-    h = tg.load_config({})
-    assert (h.ttt_lora_rank, h.ttt_lora_alpha, h.ttt_chunk_size, h.ttt_batch_size) == (80, 144.0, 48, 64)
-    assert (h.ttt_beta2, h.ttt_weight_decay, h.phased_ttt_prefix_docs, h.phased_ttt_num_phases) == \
-        (0.99, 0.5, 2500, 3)
-    assert (h.global_ttt_lr, h.global_ttt_chunk_tokens, h.eval_stride, h.prequant_ttt_epochs) == \
-        (0.001, 32768, 64, 0)
+def test_old_eval_names_point_at_their_replacement():  # the defaults: test_config_defaults_are_the_record
     for old, new in (("SLIDING_WINDOW_ENABLED", "SLIDING_ENABLED"), ("TTT_EVAL_ONLY", "EVAL_ONLY"),
                      ("TTT_K_LORA", "TTT_LORA_TARGETS"), ("TTT_MASK", "k,o,mlp,head"),
                      ("TTT_SHORT_SCORE_FIRST_STEPS", "TTT_CHUNK_SCHEDULE"),
