@@ -2425,41 +2425,46 @@ def lora_targets(h) -> list:
     return [t.strip() for t in h.ttt_lora_targets.split(",") if t.strip()]
 
 
-def new_lora(model: GPT, h: Hyperparameters, rows: int, device) -> dict:
-    """Adapters of TTT_LORA_TARGETS for every virtual layer position (q, k, v, o, mlp) and the LM
-    head, each a pair of fp32 leaves (A [rows, r, in], B [rows, out, r]); all inputs are model_dim
-    wide. Targets left out do not exist, so they cost nothing (no zero adapters are computed)."""
+@dataclass
+class Lora:
+    """fp32 adapter pairs (A [rows, r, in], B [rows, out, r]), one row per document: per virtual
+    layer {target: pair} for the q, k, v, o, mlp of TTT_LORA_TARGETS, and the LM head's (None if
+    not a target). Targets left out do not exist, so they cost nothing. Outputs scale by alpha / r."""
+    scale: float
+    layers: list
+    head: tuple | None
+
+    def pairs(self) -> list:
+        head = [] if self.head is None else [self.head]
+        return [ab for layer in self.layers for ab in layer.values()] + head
+
+    @torch.no_grad()
+    def reset(self, seed):
+        """B <- 0 (no change to the model); A <- U(+-1/sqrt(in)) drawn from `seed`, or kept if None."""
+        pairs = self.pairs()
+        gen = None if seed is None or not pairs else torch.Generator(pairs[0][0].device).manual_seed(seed)
+        for a, b in pairs:
+            b.zero_()
+            if gen is not None:
+                a.uniform_(-a.size(-1) ** -0.5, a.size(-1) ** -0.5, generator=gen)
+
+    def view(self, dtype) -> dict:
+        """The adapters as GPT.forward takes them, cast to the compute dtype (the fp32 masters train)."""
+        cast = lambda ab: (ab[0].to(dtype), ab[1].to(dtype))  # noqa: E731
+        layers = [dict({k: cast(ab) for k, ab in layer.items()}, scale=self.scale) for layer in self.layers]
+        head = {} if self.head is None else {"head": cast(self.head)}
+        return dict(scale=self.scale, layers=layers, **head)
+
+
+def new_lora(model: GPT, h: Hyperparameters, rows: int, device) -> Lora:
+    """Zero adapters of TTT_LORA_TARGETS for every virtual layer position (all inputs are
+    MODEL_DIM wide); reset() draws A."""
     dm, kv, r, want = h.model_dim, h.num_kv_heads * h.head_dim, h.ttt_lora_rank, lora_targets(h)
     pair = lambda out: tuple(torch.zeros(shape, device=device, requires_grad=True)  # noqa: E731
                              for shape in ((rows, r, dm), (rows, out, r)))
     outs = dict(q=dm, k=kv, v=kv, o=dm, mlp=dm)
-    layer = lambda: {k: pair(n) for k, n in outs.items() if k in want}  # noqa: E731
-    lora = dict(scale=h.ttt_lora_alpha / r, layers=[layer() for _ in model.layer_order(model.looping)])
-    return {**lora, "head": pair(h.vocab_size)} if "head" in want else lora
-
-
-def lora_pairs(lora: dict) -> list:
-    pairs = [ab for layer in lora["layers"] for ab in layer.values()]
-    return pairs + [lora["head"]] if "head" in lora else pairs
-
-
-@torch.no_grad()
-def reset_lora(lora: dict, seed):
-    """B <- 0 (no change to the model); A <- U(+-1/sqrt(in)) drawn from `seed`, or kept if None."""
-    pairs = lora_pairs(lora)
-    gen = None if seed is None or not pairs else torch.Generator(pairs[0][0].device).manual_seed(seed)
-    for a, b in pairs:
-        b.zero_()
-        if gen is not None:
-            a.uniform_(-a.size(-1) ** -0.5, a.size(-1) ** -0.5, generator=gen)
-
-
-def lora_view(lora: dict, dtype) -> dict:
-    """The adapters as GPT.forward takes them, cast to the compute dtype (fp32 masters train)."""
-    cast = lambda ab: (ab[0].to(dtype), ab[1].to(dtype))  # noqa: E731
-    s = lora["scale"]
-    layers = [dict({k: cast(ab) for k, ab in layer.items()}, scale=s) for layer in lora["layers"]]
-    return dict(scale=s, layers=layers, **({"head": cast(lora["head"])} if "head" in lora else {}))
+    layers = [{k: pair(n) for k, n in outs.items() if k in want} for _ in model.layer_order(model.looping)]
+    return Lora(h.ttt_lora_alpha / r, layers, pair(h.vocab_size) if "head" in want else None)
 
 
 def ttt_bucket(n: int, length: int) -> int:
@@ -2503,7 +2508,7 @@ def ttt_chunk(model, lora, opt, vd: ValData, p: dict, h, led, tilt):
     documents of their mean chunk loss (documents with later chunks only; none without adapters)."""
     L = ttt_bucket(int((p["ce"] - p["ws"]).max()), h.ttt_eval_seq_len)
     x, y, idx, scored = window_rows(vd.tokens, p["ws"], p["ce"], p["cs"], h.ttt_batch_size, L)
-    nll = model(x, y, lora_view(lora, model.compute_dtype), tilt_rows(tilt, idx))
+    nll = model(x, y, lora.view(model.compute_dtype), tilt_rows(tilt, idx))
     score_rows = np.stack([p["doc"], p["cs"], p["ce"]], 1)[p["live"]]
     sums = account(led, vd.target_bytes, nll, idx, scored, score_rows)
     if p["step"].any() and opt is not None:
@@ -2517,7 +2522,7 @@ def ttt_chunk(model, lora, opt, vd: ValData, p: dict, h, led, tilt):
 
 def ttt_batch(model, lora, docs, starts, ends, vd, h, led, tilt):
     """One batch: fresh optimizer state (B was zeroed by the caller), chunks in order."""
-    params = [t for ab in lora_pairs(lora) for t in ab]
+    params = [t for ab in lora.pairs() for t in ab]
     lr = h.ttt_lora_lr * h.ttt_local_lr_mult
     opt = torch.optim.AdamW(params, lr=lr, betas=(TTT_BETA1, h.ttt_beta2), eps=1e-10,
                             weight_decay=h.ttt_weight_decay, fused=vd.tokens.is_cuda) if params else None
@@ -2651,10 +2656,10 @@ def ttt_eval(model: GPT, val: ValData, h: Hyperparameters, d: Dist, led: ScoreLe
     steps = [chunks_of(b, starts, ends, h) for b in queue]
     prog = Progress(torch.zeros(3, dtype=torch.float64, device=d.device), sum(steps[d.rank::d.world_size]))
     for phase, (cut, bound) in enumerate(cuts + [(len(queue), None)]):
-        reset_lora(lora, h.seed * 1000 + phase)
+        lora.reset(h.seed * 1000 + phase)
         with budget.phase("ttt_lora_scoring"):
             for b in range(begin + d.rank, cut, d.world_size):
-                reset_lora(lora, None if h.ttt_warm_start_a else h.seed * 1000003 + b)
+                lora.reset(None if h.ttt_warm_start_a else h.seed * 1000003 + b)
                 sums = ttt_batch(model, lora, queue[b], starts, ends, vd, h, led, tilt)
                 prog.add_batch(b, queue[b], sums, steps[b])
                 if prog.batches % max(1, len(queue) // (20 * d.world_size)) == 0:

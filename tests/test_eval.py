@@ -147,13 +147,13 @@ def test_lora_is_one_adapter_per_row_and_zero_b_is_identity():
     h = tiny()
     model, val = legality.random_model(h), legality.synthetic_val()
     lora = tg.new_lora(model, h, 2, CPU.device)
-    tg.reset_lora(lora, 0)
+    lora.reset(0)
     x, y = val.tokens[None, :64].repeat(2, 1), val.tokens[None, 1:65].repeat(2, 1)
     base = model(x, y)
-    assert torch.equal(model(x, y, tg.lora_view(lora, torch.float32)), base)
+    assert torch.equal(model(x, y, lora.view(torch.float32)), base)
     with torch.no_grad():
-        lora["head"][1][1].normal_()  # only row 1's head adapter
-    out = model(x, y, tg.lora_view(lora, torch.float32))
+        lora.head[1][1].normal_()  # only row 1's head adapter
+    out = model(x, y, lora.view(torch.float32))
     assert torch.equal(out[0], base[0]) and not torch.equal(out[1], base[1])
 
 
@@ -164,13 +164,13 @@ def test_lora_targets_build_only_those_adapters_and_start_at_the_base_model(targ
     h = tiny(TTT_LORA_TARGETS=targets)
     model, val = legality.random_model(h), legality.synthetic_val()
     lora = tg.new_lora(model, h, 2, CPU.device)
-    tg.reset_lora(lora, 0)
+    lora.reset(0)
     want = [t for t in targets.split(",") if t]
-    assert all(set(layer) == set(want) - {"head"} for layer in lora["layers"])
-    assert ("head" in lora) == ("head" in want)
-    assert len(tg.lora_pairs(lora)) == len(lora["layers"]) * len(set(want) - {"head"}) + ("head" in want)
+    assert all(set(layer) == set(want) - {"head"} for layer in lora.layers)
+    assert (lora.head is not None) == ("head" in want)
+    assert len(lora.pairs()) == len(lora.layers) * len(set(want) - {"head"}) + ("head" in want)
     x, y = val.tokens[None, :64].repeat(2, 1), val.tokens[None, 1:65].repeat(2, 1)
-    assert torch.equal(model(x, y, tg.lora_view(lora, torch.float32)), model(x, y))
+    assert torch.equal(model(x, y, lora.view(torch.float32)), model(x, y))
 
 
 def test_ttt_without_adapters_equals_plain_doc_eval():
