@@ -1353,7 +1353,7 @@ class GPT(nn.Module):
         if h.smear_gate_enabled:
             self.smear_w = nn.Parameter(torch.zeros(1, h.gate_window))
             self.smear_lambda = nn.Parameter(torch.zeros(()))
-        if h.asym_logit_rescale:  # AsymLogit (PR #1923): trained by global TTT only (see training_state)
+        if h.asym_logit_rescale:  # AsymLogit (PR #1923): trained by global TTT only (see precompile_eval)
             self.logit_caps = nn.Parameter(torch.full((2,), LOGIT_SOFTCAP), requires_grad=False)
         self.compute_dtype = torch.bfloat16 if backend != "sdpa" else torch.float32
         # module functions held as attributes only so that compile_model can swap in compiled
@@ -1942,15 +1942,12 @@ def payload_order(qstate: dict) -> list:
     return sorted(pairs, key=key)
 
 
-def tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
 def stored_bytes(field: str, t: torch.Tensor) -> bytes:
     """Payload form of one tensor. Codes go column-major: a column belongs to one input feature,
     so its codes share a magnitude and brotli's context model sees runs of alike bytes (-2% of
     the blob, mostly mlp.proj and tok_emb). fp16 goes as a low-byte plane then a high-byte plane."""
-    b = tensor_bytes(t.T if field == "q" and t.ndim == 2 else t)
+    t = t.T if field == "q" and t.ndim == 2 else t
+    b = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
     if t.dtype == torch.float16:
         b = np.frombuffer(b, np.uint8).reshape(-1, 2).T.tobytes()
     return b
@@ -2748,22 +2745,18 @@ def scoring_state(model: GPT, h: Hyperparameters):
     model.requires_grad_(False)
 
 
-def training_state(model: GPT, h: Hyperparameters):
-    """Every weight learns except the AsymLogit caps: records kept the training loss at the fixed
-    LOGIT_SOFTCAP (PR #1923); only global TTT, which trains every weight, moves them."""
+def precompile_eval(model: GPT, h: Hyperparameters, d: Dist, bos_id: int):
+    """Compile the eval graphs before training, on random tokens. The artifact's model (same
+    classes, shapes and flags) reuses them, so its eval_warmup only runs them: the 63 graphs of
+    the TTT eval took 297 s to compile on an H100 (bench/RESULTS.md). Then back to training,
+    where every weight learns except the AsymLogit caps: records kept the training loss at the
+    fixed LOGIT_SOFTCAP (PR #1923); only global TTT, which trains every weight, moves them."""
+    scoring_state(model, h)
+    eval_warmup(model, h, d, bos_id)
     model.looping, model.seq_len = False, h.train_seq_len
     model.requires_grad_(True)
     if h.asym_logit_rescale:
         model.logit_caps.requires_grad_(False)
-
-
-def precompile_eval(model: GPT, h: Hyperparameters, d: Dist, bos_id: int):
-    """Compile the eval graphs before training, on random tokens. The artifact's model (same
-    classes, shapes and flags) reuses them, so its eval_warmup only runs them: the 63 graphs of
-    the TTT eval took 297 s to compile on an H100 (bench/RESULTS.md)."""
-    scoring_state(model, h)
-    eval_warmup(model, h, d, bos_id)
-    training_state(model, h)
     if d.device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()  # peak_mem_mib reports training, not this warmup

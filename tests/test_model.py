@@ -344,7 +344,7 @@ def test_asym_caps_learn_in_global_ttt_only():
     h = tiny(ASYM_LOGIT_RESCALE=1, GLOBAL_TTT_CHUNK_TOKENS=256)
     model, d = randomized(h), tg.Dist(0, 1, 0, torch.device("cpu"))
     model.logit_caps.data.fill_(3.0)  # within reach of the random logits: a visible gradient
-    tg.training_state(model, h)
+    tg.precompile_eval(model, h, d, 1)  # ends in the training state, after a global SGD warmup
     assert not model.logit_caps.requires_grad and model.tok_emb.weight.requires_grad
     opt = tg.Optimizers(model, d, h)
     tg.forward_backward(model, tg.synthetic_batches(h, d, 1, torch.Generator().manual_seed(0)))
