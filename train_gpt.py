@@ -2745,23 +2745,6 @@ def scoring_state(model: GPT, h: Hyperparameters):
     model.requires_grad_(False)
 
 
-def precompile_eval(model: GPT, h: Hyperparameters, d: Dist, bos_id: int):
-    """Compile the eval graphs before training, on random tokens. The artifact's model (same
-    classes, shapes and flags) reuses them, so its eval_warmup only runs them: the 63 graphs of
-    the TTT eval took 297 s to compile on an H100 (bench/RESULTS.md). Then back to training,
-    where every weight learns except the AsymLogit caps: records kept the training loss at the
-    fixed LOGIT_SOFTCAP (PR #1923); only global TTT, which trains every weight, moves them."""
-    scoring_state(model, h)
-    eval_warmup(model, h, d, bos_id)
-    model.looping, model.seq_len = False, h.train_seq_len
-    model.requires_grad_(True)
-    if h.asym_logit_rescale:
-        model.logit_caps.requires_grad_(False)
-    if d.device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()  # peak_mem_mib reports training, not this warmup
-
-
 def final_evaluation(model: GPT, val: ValData, h: Hyperparameters, d: Dist, log, timer: Timer) -> dict:
     """Everything after training, on the model to score: compile warmup (random tokens), the
     non-overlapping diagnostic, sliding windows and phased LoRA TTT, each through evaluate().
@@ -2831,6 +2814,23 @@ def compile_warmup(model: GPT, h: Hyperparameters, d: Dist, val_window: int) -> 
                 x, y = synthetic_batches(h, d, model.bos_id, gen)[0]
                 model(x[:, :val_window], y[:, :val_window])
     model.looping = False
+
+
+def precompile_eval(model: GPT, h: Hyperparameters, d: Dist, bos_id: int):
+    """Compile the eval graphs before training, on random tokens. The artifact's model (same
+    classes, shapes and flags) reuses them, so its eval_warmup only runs them: the 63 graphs of
+    the TTT eval took 297 s to compile on an H100 (bench/RESULTS.md). Then back to training,
+    where every weight learns except the AsymLogit caps: records kept the training loss at the
+    fixed LOGIT_SOFTCAP (PR #1923); only global TTT, which trains every weight, moves them."""
+    scoring_state(model, h)
+    eval_warmup(model, h, d, bos_id)
+    model.looping, model.seq_len = False, h.train_seq_len
+    model.requires_grad_(True)
+    if h.asym_logit_rescale:
+        model.logit_caps.requires_grad_(False)
+    if d.device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()  # peak_mem_mib reports training, not this warmup
 
 
 def seq_span(frac: float, h: Hyperparameters) -> int:
