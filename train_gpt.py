@@ -2549,7 +2549,9 @@ class Progress:
     def add_batch(self, b: int, docs, sums, steps: int):
         self.acc += sums
         self.done += [(b, i, int(doc)) for i, doc in enumerate(docs)]
-        self.batches, self.steps_done, self.steps_left = self.batches + 1, self.steps_done + steps, self.steps_left - steps
+        self.batches += 1
+        self.steps_done += steps
+        self.steps_left -= steps
 
 
 def scored_prefix(done: list, bound: int, d: Dist) -> np.ndarray:
