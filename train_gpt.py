@@ -1573,12 +1573,10 @@ class Optimizers:
         return norm
 
     def zero_grad(self):
-        for p in self.muon_params():
-            p.grad = None
+        for ps in self.muon.stacks.values():
+            for p in ps:
+                p.grad = None
         self.adam.zero_grad(set_to_none=True)
-
-    def muon_params(self):
-        return [p for ps in self.muon.stacks.values() for p in ps]
 
 
 def lr_multiplier(frac: float, h: Hyperparameters) -> float:
