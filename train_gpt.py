@@ -441,8 +441,6 @@ def load_config(environ=None) -> Hyperparameters:
             close = typo_of(key, fields)
             hint = f" (did you mean {close}?)" if close else ""
             raise ValueError(f"unknown env var {key}{hint}; `python train_gpt.py --help` lists all")
-    if values.get("eval_only") and values.get("prequant_ttt_epochs"):
-        raise ValueError("PREQUANT_TTT_EPOCHS needs a training run; unset it with EVAL_ONLY")
     if values.get("smoke"):
         values = {**SMOKE_PRESET, **values}
     h = Hyperparameters(**values)
@@ -571,6 +569,12 @@ def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t
+
+
+def all_reduce_flat(tensors: list) -> list:
+    """Sums of many small tensors over ranks in one collective (one flat buffer), as views."""
+    flat = all_reduce(torch.cat([t.flatten() for t in tensors]))
+    return [f.view_as(t) for f, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 def source_text() -> str:
@@ -1349,7 +1353,7 @@ class GPT(nn.Module):
         if h.smear_gate_enabled:
             self.smear_w = nn.Parameter(torch.zeros(1, h.gate_window))
             self.smear_lambda = nn.Parameter(torch.zeros(()))
-        if h.asym_logit_rescale:  # AsymLogit (PR #1923): trained by global TTT only (see training_state)
+        if h.asym_logit_rescale:  # AsymLogit (PR #1923): trained by global TTT only (see precompile_eval)
             self.logit_caps = nn.Parameter(torch.full((2,), LOGIT_SOFTCAP), requires_grad=False)
         self.compute_dtype = torch.bfloat16 if backend != "sdpa" else torch.float32
         # module functions held as attributes only so that compile_model can swap in compiled
@@ -1552,11 +1556,8 @@ class Optimizers:
     def step(self, lr_mult: float, momentum: float) -> float:
         handles = self.muon.reduce_grads()  # async reduce-scatter of the matrix stacks
         grads = [p.grad for p in self.replicated]
-        if self.d.world_size > 1:  # the small replicated tensors travel as one flat buffer
-            flat = torch.cat([g.flatten() for g in grads])
-            dist.all_reduce(flat)
-            flat /= self.d.world_size
-            torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
+        if self.d.world_size > 1:
+            torch._foreach_copy_(grads, torch._foreach_div(all_reduce_flat(grads), self.d.world_size))
         for hd in handles:
             hd.wait()
         # Global norm: the Muon shards are disjoint across ranks, the replicated grads identical.
@@ -1572,12 +1573,10 @@ class Optimizers:
         return norm
 
     def zero_grad(self):
-        for p in self.muon_params():
-            p.grad = None
+        for ps in self.muon.stacks.values():
+            for p in ps:
+                p.grad = None
         self.adam.zero_grad(set_to_none=True)
-
-    def muon_params(self):
-        return [p for ps in self.muon.stacks.values() for p in ps]
 
 
 def lr_multiplier(frac: float, h: Hyperparameters) -> float:
@@ -1880,14 +1879,11 @@ def dequantize_state_dict(qstate: dict) -> dict:
     return {name: dequantize_entry(e) for name, e in qstate.items()}
 
 
-def matrix_errors(sd: dict, qstate: dict, names) -> dict:
-    """||W - W_hat||_F^2 per name, on the CPU (dequantized weights live there)."""
-    return {n: (sd[n].detach().cpu().float() - dequantize_entry(qstate[n])).pow(2).sum().item()
-            for n in names}
-
-
-def apply_lqer(sd: dict, qstate: dict, errs: dict, h) -> list:
-    """Add LQER factors to the top_k matrices by quantization error; returns their names."""
+def apply_lqer(sd: dict, qstate: dict, h) -> list:
+    """Add LQER factors to the LQER_TOP_K GPTQ'd matrices of largest ||W - W_hat||_F^2 (taken on
+    the CPU, where dequantized weights live); returns their names."""
+    errs = {n: (t.detach().cpu().float() - dequantize_entry(qstate[n])).pow(2).sum().item()
+            for n, t in sd.items() if tensor_class(n, t) in MATRIX_CLASSES}
     top = sorted(errs, key=lambda n: (-errs[n], n))[: h.lqer_top_k]
     for n in top:
         W = sd[n].detach().float()
@@ -1896,32 +1892,22 @@ def apply_lqer(sd: dict, qstate: dict, errs: dict, h) -> list:
     return top
 
 
-def quantize_state_dict(sd: dict, hessians: dict, h, log=print) -> tuple:
-    """Quantize a float state dict (spec 5.3-5.4). Returns (qstate, stats): qstate maps each name
-    to an entry {kind, [bits], tensors...} that serialize() writes and dequantize_state_dict()
-    reads; stats has per-category counts, the squared error before/after LQER, and the time."""
-    t0 = time.perf_counter()
+def quantize_state_dict(sd: dict, hessians: dict, h, log=print) -> dict:
+    """Quantize a float state dict (spec 5.3-5.4) into the qstate: each name maps to an entry
+    {kind, [bits], tensors...} that serialize() writes and dequantize_state_dict() reads. Logs
+    one line per treatment with the names it got."""
     qstate, labels = {}, {}
     awq = awq_groups(sd, hessians, h) if h.awq_lite_groups else {}
     for name, t in sd.items():
         qstate[name], labels[name] = quantize_tensor(name, t, hessians, h, awq.get(name, ()))
-    mats = [n for n, t in sd.items() if tensor_class(n, t) in MATRIX_CLASSES]
-    errs = matrix_errors(sd, qstate, mats)
-    lqer = apply_lqer(sd, qstate, errs, h) if h.lqer_enabled else []
-    for n in lqer:
+    for n in apply_lqer(sd, qstate, h) if h.lqer_enabled else []:
         labels[n] += "+lqer_asym"
-    final = {**errs, **matrix_errors(sd, qstate, lqer)}
     cats = {}
     for name, label in labels.items():
         cats.setdefault(label, []).append(name)
     for label in sorted(cats):
         log(f"{label}: {', '.join(cats[label])}")
-    return qstate, {
-        "counts": {k: len(v) for k, v in sorted(cats.items())}, "lqer": lqer,
-        "err_sq_gptq": sum(errs.values()), "err_sq_final": sum(final.values()),
-        "weight_sq": sum(sd[n].detach().float().pow(2).sum().item() for n in mats),
-        "seconds": time.perf_counter() - t0,
-    }
+    return qstate
 
 
 # Container: MAGIC, version byte, compressor byte, 8 bytes of sha256(payload), then the compressed
@@ -1954,15 +1940,12 @@ def payload_order(qstate: dict) -> list:
     return sorted(pairs, key=key)
 
 
-def tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
 def stored_bytes(field: str, t: torch.Tensor) -> bytes:
     """Payload form of one tensor. Codes go column-major: a column belongs to one input feature,
     so its codes share a magnitude and brotli's context model sees runs of alike bytes (-2% of
     the blob, mostly mlp.proj and tok_emb). fp16 goes as a low-byte plane then a high-byte plane."""
-    b = tensor_bytes(t.T if field == "q" and t.ndim == 2 else t)
+    t = t.T if field == "q" and t.ndim == 2 else t
+    b = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
     if t.dtype == torch.float16:
         b = np.frombuffer(b, np.uint8).reshape(-1, 2).T.tobytes()
     return b
@@ -2437,41 +2420,46 @@ def lora_targets(h) -> list:
     return [t.strip() for t in h.ttt_lora_targets.split(",") if t.strip()]
 
 
-def new_lora(model: GPT, h: Hyperparameters, rows: int, device) -> dict:
-    """Adapters of TTT_LORA_TARGETS for every virtual layer position (q, k, v, o, mlp) and the LM
-    head, each a pair of fp32 leaves (A [rows, r, in], B [rows, out, r]); all inputs are model_dim
-    wide. Targets left out do not exist, so they cost nothing (no zero adapters are computed)."""
+@dataclass
+class Lora:
+    """fp32 adapter pairs (A [rows, r, in], B [rows, out, r]), one row per document: per virtual
+    layer {target: pair} for the q, k, v, o, mlp of TTT_LORA_TARGETS, and the LM head's (None if
+    not a target). Targets left out do not exist, so they cost nothing. Outputs scale by alpha / r."""
+    scale: float
+    layers: list
+    head: tuple | None
+
+    def pairs(self) -> list:
+        head = [] if self.head is None else [self.head]
+        return [ab for layer in self.layers for ab in layer.values()] + head
+
+    @torch.no_grad()
+    def reset(self, seed):
+        """B <- 0 (no change to the model); A <- U(+-1/sqrt(in)) drawn from `seed`, or kept if None."""
+        pairs = self.pairs()
+        gen = None if seed is None or not pairs else torch.Generator(pairs[0][0].device).manual_seed(seed)
+        for a, b in pairs:
+            b.zero_()
+            if gen is not None:
+                a.uniform_(-a.size(-1) ** -0.5, a.size(-1) ** -0.5, generator=gen)
+
+    def view(self, dtype) -> dict:
+        """The adapters as GPT.forward takes them, cast to the compute dtype (the fp32 masters train)."""
+        cast = lambda ab: (ab[0].to(dtype), ab[1].to(dtype))  # noqa: E731
+        layers = [dict({k: cast(ab) for k, ab in layer.items()}, scale=self.scale) for layer in self.layers]
+        head = {} if self.head is None else {"head": cast(self.head)}
+        return dict(scale=self.scale, layers=layers, **head)
+
+
+def new_lora(model: GPT, h: Hyperparameters, rows: int, device) -> Lora:
+    """Zero adapters of TTT_LORA_TARGETS for every virtual layer position (all inputs are
+    MODEL_DIM wide); reset() draws A."""
     dm, kv, r, want = h.model_dim, h.num_kv_heads * h.head_dim, h.ttt_lora_rank, lora_targets(h)
     pair = lambda out: tuple(torch.zeros(shape, device=device, requires_grad=True)  # noqa: E731
                              for shape in ((rows, r, dm), (rows, out, r)))
     outs = dict(q=dm, k=kv, v=kv, o=dm, mlp=dm)
-    layer = lambda: {k: pair(n) for k, n in outs.items() if k in want}  # noqa: E731
-    lora = dict(scale=h.ttt_lora_alpha / r, layers=[layer() for _ in model.layer_order(model.looping)])
-    return {**lora, "head": pair(h.vocab_size)} if "head" in want else lora
-
-
-def lora_pairs(lora: dict) -> list:
-    pairs = [ab for layer in lora["layers"] for ab in layer.values()]
-    return pairs + [lora["head"]] if "head" in lora else pairs
-
-
-@torch.no_grad()
-def reset_lora(lora: dict, seed):
-    """B <- 0 (no change to the model); A <- U(+-1/sqrt(in)) drawn from `seed`, or kept if None."""
-    pairs = lora_pairs(lora)
-    gen = None if seed is None or not pairs else torch.Generator(pairs[0][0].device).manual_seed(seed)
-    for a, b in pairs:
-        b.zero_()
-        if gen is not None:
-            a.uniform_(-a.size(-1) ** -0.5, a.size(-1) ** -0.5, generator=gen)
-
-
-def lora_view(lora: dict, dtype) -> dict:
-    """The adapters as GPT.forward takes them, cast to the compute dtype (fp32 masters train)."""
-    cast = lambda ab: (ab[0].to(dtype), ab[1].to(dtype))  # noqa: E731
-    s = lora["scale"]
-    layers = [dict({k: cast(ab) for k, ab in layer.items()}, scale=s) for layer in lora["layers"]]
-    return dict(scale=s, layers=layers, **({"head": cast(lora["head"])} if "head" in lora else {}))
+    layers = [{k: pair(n) for k, n in outs.items() if k in want} for _ in model.layer_order(model.looping)]
+    return Lora(h.ttt_lora_alpha / r, layers, pair(h.vocab_size) if "head" in want else None)
 
 
 def ttt_bucket(n: int, length: int) -> int:
@@ -2515,7 +2503,7 @@ def ttt_chunk(model, lora, opt, vd: ValData, p: dict, h, led, tilt):
     documents of their mean chunk loss (documents with later chunks only; none without adapters)."""
     L = ttt_bucket(int((p["ce"] - p["ws"]).max()), h.ttt_eval_seq_len)
     x, y, idx, scored = window_rows(vd.tokens, p["ws"], p["ce"], p["cs"], h.ttt_batch_size, L)
-    nll = model(x, y, lora_view(lora, model.compute_dtype), tilt_rows(tilt, idx))
+    nll = model(x, y, lora.view(model.compute_dtype), tilt_rows(tilt, idx))
     score_rows = np.stack([p["doc"], p["cs"], p["ce"]], 1)[p["live"]]
     sums = account(led, vd.target_bytes, nll, idx, scored, score_rows)
     if p["step"].any() and opt is not None:
@@ -2529,7 +2517,7 @@ def ttt_chunk(model, lora, opt, vd: ValData, p: dict, h, led, tilt):
 
 def ttt_batch(model, lora, docs, starts, ends, vd, h, led, tilt):
     """One batch: fresh optimizer state (B was zeroed by the caller), chunks in order."""
-    params = [t for ab in lora_pairs(lora) for t in ab]
+    params = [t for ab in lora.pairs() for t in ab]
     lr = h.ttt_lora_lr * h.ttt_local_lr_mult
     opt = torch.optim.AdamW(params, lr=lr, betas=(TTT_BETA1, h.ttt_beta2), eps=1e-10,
                             weight_decay=h.ttt_weight_decay, fused=vd.tokens.is_cuda) if params else None
@@ -2549,22 +2537,19 @@ def chunks_of(docs, starts, ends, h) -> int:
 @dataclass
 class Progress:
     """One rank's TTT state: score sums, scored docs as (batch, position, doc), chunk steps done
-    and left, and seconds spent scoring and in global SGD."""
+    and left (the seconds are the Timer's phases)."""
     acc: torch.Tensor
     steps_left: int
     done: list = field(default_factory=list)
     batches: int = 0
     steps_done: int = 0
-    scoring_s: float = 0.0
-    sgd_s: float = 0.0
 
     def add_batch(self, b: int, docs, sums, steps: int):
         self.acc += sums
         self.done += [(b, i, int(doc)) for i, doc in enumerate(docs)]
-        self.batches, self.steps_done, self.steps_left = self.batches + 1, self.steps_done + steps, self.steps_left - steps
-
-    def projected_s(self) -> float:  # conservative: later batches use shorter windows
-        return self.scoring_s / max(self.steps_done, 1) * self.steps_left
+        self.batches += 1
+        self.steps_done += steps
+        self.steps_left -= steps
 
 
 def scored_prefix(done: list, bound: int, d: Dist) -> np.ndarray:
@@ -2595,10 +2580,9 @@ def stream_step(model: GPT, stream, lo: int, hi: int, h, d: Dist, opt, lr: float
         ((model(x, y) * m).sum() / (hi - lo)).backward()
     params = [p for p in model.parameters() if p.requires_grad]
     if d.world_size > 1:
-        flat = all_reduce(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
-                                     for p in params]))
-        for p, g in zip(params, flat.split([p.numel() for p in params])):
-            p.grad = g.view_as(p)
+        sums = all_reduce_flat([torch.zeros_like(p) if p.grad is None else p.grad for p in params])
+        for p, g in zip(params, sums):
+            p.grad = g
     torch.nn.utils.clip_grad_norm_(params, GLOBAL_TTT_GRAD_CLIP)
     for g in opt.param_groups:
         g["lr"] = lr
@@ -2606,24 +2590,32 @@ def stream_step(model: GPT, stream, lo: int, hi: int, h, d: Dist, opt, lr: float
     opt.zero_grad(set_to_none=True)
 
 
+def cosine(peak: float, i: int, n: int) -> float:
+    return peak * 0.5 * (1 + math.cos(math.pi * i / n))
+
+
+def stream_steps(model: GPT, stream, spans: list, h, d: Dist, opt, budget, log, tag: str) -> int:
+    """stream_step on each (lo, hi, lr) of `spans`, stopping when `budget` (if any) would run out."""
+    for steps, (lo, hi, lr) in enumerate(spans):
+        if budget is not None and not budget.fits():
+            log(f"{tag}: stopped after {steps} of {len(spans)} steps "
+                f"(EVAL_BUDGET_SECONDS={h.eval_budget_seconds:g} would be exceeded)")
+            return steps
+        stream_step(model, stream, lo, hi, h, d, opt, lr)
+    return len(spans)
+
+
 def global_sgd(model: GPT, stream, h: Hyperparameters, d: Dist, budget, log, tag: str) -> int:
     """SGD with momentum on every base weight over `stream` (the prefix docs' tokens, in scoring
     order): one step per GLOBAL_TTT_CHUNK_TOKENS chunk, the last chunk skipped, LR cosine over
     chunks. The forward is GPT.forward, documents kept apart by its BOS masking."""
     ct = h.global_ttt_chunk_tokens
-    n_chunks = -(-(stream.numel() - 1) // ct)
+    n = -(-(stream.numel() - 1) // ct) - 1  # chunks stepped on
+    spans = [(c * ct, (c + 1) * ct, cosine(h.global_ttt_lr, c, n)) for _ in range(GLOBAL_TTT_EPOCHS)
+             for c in range(n)]
     opt = torch.optim.SGD(model.parameters(), lr=h.global_ttt_lr, momentum=GLOBAL_TTT_MOMENTUM)
     model.requires_grad_(True)
-    steps = 0
-    for k in range(GLOBAL_TTT_EPOCHS * (n_chunks - 1)):
-        c = k % (n_chunks - 1)
-        if budget is not None and not budget.fits():
-            log(f"{tag}: stopped after {steps} of {GLOBAL_TTT_EPOCHS * (n_chunks - 1)} steps "
-                f"(EVAL_BUDGET_SECONDS={h.eval_budget_seconds:g} would be exceeded)")
-            break
-        lr = h.global_ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (n_chunks - 1)))
-        stream_step(model, stream, c * ct, (c + 1) * ct, h, d, opt, lr)
-        steps += 1
+    steps = stream_steps(model, stream, spans, h, d, opt, budget, log, tag)
     model.requires_grad_(False)
     return steps
 
@@ -2631,18 +2623,17 @@ def global_sgd(model: GPT, stream, h: Hyperparameters, d: Dist, budget, log, tag
 def ttt_pause(model, val, starts, ends, bound, phase, prog: Progress, h, d, led, log, budget):
     """Phase pause: align clocks, take the first `bound` scored docs, global SGD on them."""
     led.sync()
-    budget.reserve = prog.projected_s()
-    t0 = budget.elapsed()
+    # the scoring left, at the pace so far (conservative: later batches use shorter windows)
+    budget.reserve = budget.phases["ttt_lora_scoring"] / max(prog.steps_done, 1) * prog.steps_left
     prefix = scored_prefix(prog.done, bound, d)
     if not budget.fits():
         log(f"ttpp: phase:{phase + 1} skipped (budget: projected scoring {budget.reserve:.0f}s left)")
         return
     led.record("update", np.stack([prefix, starts[prefix], ends[prefix]], 1))
     n = val.num_targets  # the stream's last doc keeps its final token
-    stream = torch.cat([val.tokens[starts[k]:ends[k] + (ends[k] == n)] for k in prefix]).to(d.device)
-    steps = global_sgd(model, stream, h, d, budget, log, f"tttg phase:{phase + 1}")
-    prog.sgd_s += budget.elapsed() - t0
-    budget.phases[f"ttt_phase{phase + 1}_global_sgd"] = budget.elapsed() - t0
+    with budget.phase(f"ttt_phase{phase + 1}_global_sgd"):
+        stream = torch.cat([val.tokens[starts[k]:ends[k] + (ends[k] == n)] for k in prefix]).to(d.device)
+        steps = global_sgd(model, stream, h, d, budget, log, f"tttg phase:{phase + 1}")
     log(f"ttpp: phase:{phase + 1} docs:{prefix.size} tokens:{stream.numel()} sgd_steps:{steps} "
         f"t:{budget.elapsed():.1f}s")
 
@@ -2662,21 +2653,20 @@ def ttt_eval(model: GPT, val: ValData, h: Hyperparameters, d: Dist, led: ScoreLe
     steps = [chunks_of(b, starts, ends, h) for b in queue]
     prog = Progress(torch.zeros(3, dtype=torch.float64, device=d.device), sum(steps[d.rank::d.world_size]))
     for phase, (cut, bound) in enumerate(cuts + [(len(queue), None)]):
-        reset_lora(lora, h.seed * 1000 + phase)
-        t0 = budget.elapsed()
-        for b in range(begin + d.rank, cut, d.world_size):
-            reset_lora(lora, None if h.ttt_warm_start_a else h.seed * 1000003 + b)
-            sums = ttt_batch(model, lora, queue[b], starts, ends, vd, h, led, tilt)
-            prog.add_batch(b, queue[b], sums, steps[b])
-            if prog.batches % max(1, len(queue) // (20 * d.world_size)) == 0:
-                log_ttt_batch(log, b, len(queue), prog, budget, ends[queue[b]] - starts[queue[b]])
-        prog.scoring_s += budget.elapsed() - t0
+        lora.reset(h.seed * 1000 + phase)
+        with budget.phase("ttt_lora_scoring"):
+            for b in range(begin + d.rank, cut, d.world_size):
+                lora.reset(None if h.ttt_warm_start_a else h.seed * 1000003 + b)
+                sums = ttt_batch(model, lora, queue[b], starts, ends, vd, h, led, tilt)
+                prog.add_batch(b, queue[b], sums, steps[b])
+                if prog.batches % max(1, len(queue) // (20 * d.world_size)) == 0:
+                    log_ttt_batch(log, b, len(queue), prog, budget, ends[queue[b]] - starts[queue[b]])
         if bound is not None:
             ttt_pause(model, val, starts, ends, bound, phase, prog, h, d, led, log, budget)
         begin = cut
-    budget.phases["ttt_lora_scoring"] = prog.scoring_s
-    log(f"ttt done at eval clock {budget.elapsed():.1f}s (rank 0: LoRA scoring {prog.scoring_s:.1f}s, "
-        f"global SGD {prog.sgd_s:.1f}s)")
+    sgd_s = sum(v for k, v in budget.phases.items() if k.endswith("_global_sgd"))
+    log(f"ttt done at eval clock {budget.elapsed():.1f}s (rank 0: LoRA scoring "
+        f"{budget.phases['ttt_lora_scoring']:.1f}s, global SGD {sgd_s:.1f}s)")
     return reduce_score(*prog.acc)
 
 
@@ -2718,13 +2708,13 @@ def prequant_ttt(model: GPT, val: ValData, h: Hyperparameters, d: Dist, log):
     the artifact keeps it)."""
     log(banner("NON-COMPLIANT: PREQUANT_TTT_EPOCHS>0 trains on val before scoring (C3). Research only, "
                "never a record."))
-    stream, ct = val.tokens.to(d.device), h.global_ttt_chunk_tokens
+    stream, ct, n = val.tokens.to(d.device), h.global_ttt_chunk_tokens, val.num_targets
     opt = torch.optim.AdamW(model.parameters(), lr=h.prequant_ttt_lr, weight_decay=0.0)
     model.requires_grad_(True)
     for ep in range(h.prequant_ttt_epochs):
-        lr = h.prequant_ttt_lr * 0.5 * (1 + math.cos(math.pi * ep / h.prequant_ttt_epochs))
-        for lo in range(0, val.num_targets, ct):
-            stream_step(model, stream, lo, min(lo + ct, val.num_targets), h, d, opt, lr)
+        lr = cosine(h.prequant_ttt_lr, ep, h.prequant_ttt_epochs)
+        stream_steps(model, stream, [(lo, min(lo + ct, n), lr) for lo in range(0, n, ct)], h, d, opt, None,
+                     log, "prequant_ttt")
         log(f"prequant_ttt: epoch {ep + 1}/{h.prequant_ttt_epochs} lr {lr:.2e}")
 
 
@@ -2753,27 +2743,6 @@ def scoring_state(model: GPT, h: Hyperparameters):
     model.looping = h.num_loops > 0  # the scored model always runs its loop, as in the records
     model.seq_len = h.score_seq_len  # eval windows longer than TRAIN_SEQ_LEN are not cut
     model.requires_grad_(False)
-
-
-def training_state(model: GPT, h: Hyperparameters):
-    """Every weight learns except the AsymLogit caps: records kept the training loss at the fixed
-    LOGIT_SOFTCAP (PR #1923); only global TTT, which trains every weight, moves them."""
-    model.looping, model.seq_len = False, h.train_seq_len
-    model.requires_grad_(True)
-    if h.asym_logit_rescale:
-        model.logit_caps.requires_grad_(False)
-
-
-def precompile_eval(model: GPT, h: Hyperparameters, d: Dist, bos_id: int):
-    """Compile the eval graphs before training, on random tokens. The artifact's model (same
-    classes, shapes and flags) reuses them, so its eval_warmup only runs them: the 63 graphs of
-    the TTT eval took 297 s to compile on an H100 (bench/RESULTS.md)."""
-    scoring_state(model, h)
-    eval_warmup(model, h, d, bos_id)
-    training_state(model, h)
-    if d.device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()  # peak_mem_mib reports training, not this warmup
 
 
 def final_evaluation(model: GPT, val: ValData, h: Hyperparameters, d: Dist, log, timer: Timer) -> dict:
@@ -2845,6 +2814,23 @@ def compile_warmup(model: GPT, h: Hyperparameters, d: Dist, val_window: int) -> 
                 x, y = synthetic_batches(h, d, model.bos_id, gen)[0]
                 model(x[:, :val_window], y[:, :val_window])
     model.looping = False
+
+
+def precompile_eval(model: GPT, h: Hyperparameters, d: Dist, bos_id: int):
+    """Compile the eval graphs before training, on random tokens. The artifact's model (same
+    classes, shapes and flags) reuses them, so its eval_warmup only runs them: the 63 graphs of
+    the TTT eval took 297 s to compile on an H100 (bench/RESULTS.md). Then back to training,
+    where every weight learns except the AsymLogit caps: records kept the training loss at the
+    fixed LOGIT_SOFTCAP (PR #1923); only global TTT, which trains every weight, moves them."""
+    scoring_state(model, h)
+    eval_warmup(model, h, d, bos_id)
+    model.looping, model.seq_len = False, h.train_seq_len
+    model.requires_grad_(True)
+    if h.asym_logit_rescale:
+        model.logit_caps.requires_grad_(False)
+    if d.device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()  # peak_mem_mib reports training, not this warmup
 
 
 def seq_span(frac: float, h: Hyperparameters) -> int:
@@ -2953,7 +2939,7 @@ def quantize_fit(sd: dict, hess: dict, h, budget: int, log, timer, meta: dict | 
     k_max = FIT_MAX_SIGMA_RATIO * h.mlp_clip_sigmas
     for attempt in range(FIT_TRIES + 1):
         with timer.phase("gptq_quantize"):
-            qstate, _ = quantize_state_dict(sd, hess, h, log)
+            qstate = quantize_state_dict(sd, hess, h, log)
         with timer.phase("serialize"):
             blob = serialize(qstate, h, meta)  # stored_bytes moves every tensor to the CPU
         over = len(blob) - budget

@@ -40,13 +40,14 @@ def main():
         for k, v in kw.items():
             setattr(hv, k, v)
         t0 = time.perf_counter()
-        qstate, stats = tg.quantize_state_dict(sd, hess, hv, log=lambda *a: None)
+        qstate = tg.quantize_state_dict(sd, hess, hv, log=lambda *a: None)
         t1 = time.perf_counter()
         blob = tg.serialize(qstate, hv)
         t2 = time.perf_counter()
         bpb = score(model, tg.dequantize_state_dict(tg.deserialize(blob)), val, d, h)
+        lqer = [n for n, e in qstate.items() if "lqer_qa" in e]
         print(f"{name}: val_bpb {bpb:.5f} gap {bpb - base:+.5f} model_bytes {len(blob)} "
-              f"gptq {t1 - t0:.1f}s serialize {t2 - t1:.1f}s lqer {stats['lqer']}", flush=True)
+              f"gptq {t1 - t0:.1f}s serialize {t2 - t1:.1f}s lqer {lqer}", flush=True)
 
 
 if __name__ == "__main__":

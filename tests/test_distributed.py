@@ -76,7 +76,7 @@ def quantize_on_rank(rank: int, world: int, smoke_dir: str, port: int, out_dir: 
             p.add_(torch.randn_like(p) * 0.02)
     hess = tg.collect_hessians(model, spec, h, d)
     sd = {k: v.detach().float() for k, v in model.state_dict().items()}
-    blob = tg.serialize(tg.quantize_state_dict(sd, hess, h, log=lambda *a: None)[0], h)
+    blob = tg.serialize(tg.quantize_state_dict(sd, hess, h, log=lambda *a: None), h)
     with open(os.path.join(out_dir, f"blob{rank}.bin"), "wb") as f:
         f.write(blob)
     if dist.is_initialized():

@@ -344,7 +344,7 @@ def test_asym_caps_learn_in_global_ttt_only():
     h = tiny(ASYM_LOGIT_RESCALE=1, GLOBAL_TTT_CHUNK_TOKENS=256)
     model, d = randomized(h), tg.Dist(0, 1, 0, torch.device("cpu"))
     model.logit_caps.data.fill_(3.0)  # within reach of the random logits: a visible gradient
-    tg.training_state(model, h)
+    tg.precompile_eval(model, h, d, 1)  # ends in the training state, after a global SGD warmup
     assert not model.logit_caps.requires_grad and model.tok_emb.weight.requires_grad
     opt = tg.Optimizers(model, d, h)
     tg.forward_backward(model, tg.synthetic_batches(h, d, 1, torch.Generator().manual_seed(0)))
@@ -354,7 +354,7 @@ def test_asym_caps_learn_in_global_ttt_only():
     tg.global_sgd(model, stream, h, d, None, lambda *a: None, "test")
     assert model.logit_caps[0] != 3.0 and model.logit_caps[1] != 3.0
     sd = {k: v.detach().float() for k, v in model.state_dict().items()}
-    qstate, _ = tg.quantize_state_dict(sd, {}, h, log=lambda *a: None)
+    qstate = tg.quantize_state_dict(sd, {}, h, log=lambda *a: None)
     assert qstate["logit_caps"]["kind"] == "fp16"
     assert torch.equal(tg.dequantize_state_dict(qstate)["logit_caps"], model.logit_caps.half().float())
 

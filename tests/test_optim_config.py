@@ -33,12 +33,34 @@ def test_lr_schedule_values():
     assert tg.muon_momentum(10_000, 0.0, h) == pytest.approx(0.97)
 
 
+# PR #1855's submitted settings (the record), from /work/shared/docs/reference_spec.md Appendix B and
+# section 3.1, and the later levers it did not have, which stay off by default.
+RECORD_1855 = dict(
+    vocab_size=8192, train_batch_tokens=786_432, train_seq_len=2048,
+    num_layers=11, model_dim=512, num_heads=8, num_kv_heads=4, mlp_mult=4, rope_dims=16, qk_gain_init=5.0,
+    loop_start=3, loop_end=5, num_loops=2, enable_looping_at=0.35, parallel_start_layer=8,
+    attn_gate="sparse", sparse_attn_gate_scale=0.5, smear_gate_enabled=True, gate_window=12,
+    mlp_leaky_slope=0.5,
+    matrix_lr=0.026, muon_wd=0.095, muon_momentum=0.97, tied_embed_lr=0.03, embed_wd=0.085,
+    scalar_lr=0.02, adam_wd=0.02, beta2=0.99, warmdown_frac=0.85, min_lr=0.1, grad_clip_norm=0.3,
+    ema_decay=0.9965,
+    matrix_bits=6, attn_clip_sigmas=13.0, mlp_clip_sigmas=11.5, embed_bits=7, embed_clip_sigmas=14.0,
+    lqer_enabled=True, lqer_rank=4, lqer_top_k=3, lqer_asym_group=64,
+    eval_stride=64, ttt_enabled=True, phased_ttt_num_phases=3, phased_ttt_prefix_docs=2500,
+    global_ttt_lr=0.001, global_ttt_chunk_tokens=32768,
+    ttt_lora_rank=80, ttt_lora_alpha=144.0, ttt_lora_lr=1e-4, ttt_beta2=0.99, ttt_weight_decay=0.5,
+    ttt_chunk_size=48, ttt_eval_seq_len=2048, ttt_batch_size=64, ttt_warm_start_a=True,
+    # not in #1855: AWQ-lite (#1908), AsymLogit (#1923), the chunk schedule (#2014), the n-gram tilt
+    # (#2140), and the illegal pre-quant TTT (#1738)
+    awq_lite_groups=0, asym_logit_rescale=False, ttt_chunk_schedule="", ngram_boost=0.0,
+    prequant_ttt_epochs=0,
+)
+
+
 def test_config_defaults_are_the_record():
     h = tg.load_config({})
-    assert (h.num_layers, h.model_dim, h.num_heads, h.num_kv_heads, h.mlp_mult) == (11, 512, 8, 4, 4)
-    assert (h.attn_gate, h.sparse_attn_gate_scale, h.smear_gate_enabled) == ("sparse", 0.5, True)
-    assert (h.matrix_lr, h.muon_wd, h.warmdown_frac, h.min_lr, h.ema_decay) == (0.026, 0.095, 0.85, 0.1, 0.9965)
-    assert h.train_batch_tokens == 786432 and h.slot_tokens == 98304
+    assert {k: getattr(h, k) for k in RECORD_1855} == RECORD_1855
+    assert h.slot_tokens == 98_304  # per GPU on 8 GPUs
 
 
 def test_config_overrides_and_types():

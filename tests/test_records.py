@@ -117,7 +117,7 @@ def test_every_field_is_classified_once():
 def tiny_blob(h, **meta_over):
     model = legality.random_model(h)
     sd = {k: v.detach().float() for k, v in model.state_dict().items()}
-    qstate, _ = tg.quantize_state_dict(sd, {}, h, log=lambda *a: None)
+    qstate = tg.quantize_state_dict(sd, {}, h, log=lambda *a: None)
     return tg.serialize(qstate, h, {**tg.artifact_meta(h, "data1"), **meta_over}), qstate
 
 
@@ -164,11 +164,12 @@ def test_artifact_config_rebuilds_the_model_it_holds():
 def test_prequant_artifact_stays_non_compliant_in_eval_only():
     meta = tg.artifact_meta(legality.tiny_config(PREQUANT_TTT_EPOCHS=1), "d")
     h, _ = tg.artifact_config(eval_only_env("a.ptz"), meta)
-    assert h.prequant_ttt_epochs == 1  # scored_eval marks every target as trained on
+    assert h.prequant_ttt_epochs == 1  # evaluate() marks every target as trained on
     with pytest.raises(ValueError, match="PREQUANT_TTT_EPOCHS=0 .*PREQUANT_TTT_EPOCHS=1"):
         tg.artifact_config(eval_only_env("a.ptz", PREQUANT_TTT_EPOCHS="0"), meta)
-    with pytest.raises(ValueError, match="EVAL_ONLY"):
-        eval_only_env("a.ptz", PREQUANT_TTT_EPOCHS="1")
+    legal = tg.artifact_meta(legality.tiny_config(), "d")  # EVAL_ONLY never trains on val
+    with pytest.raises(ValueError, match="PREQUANT_TTT_EPOCHS=1 disagrees with EVAL_ONLY"):
+        tg.artifact_config(eval_only_env("a.ptz", PREQUANT_TTT_EPOCHS="1"), legal)
 
 
 # ---- the eval budget runs from the artifact load -----------------------------------------------

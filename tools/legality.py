@@ -158,14 +158,14 @@ def scoring_after_update(_):
         L = tg.ttt_bucket(int((p["ce"] - p["ws"]).max()), h.ttt_eval_seq_len)
         x, y, idx, scored = tg.window_rows(vd.tokens, p["ws"], p["ce"], p["cs"], h.ttt_batch_size, L)
         if p["step"].any() and opt is not None:
-            nll = model(x, y, tg.lora_view(lora, model.compute_dtype), tg.tilt_rows(tilt, idx))
+            nll = model(x, y, lora.view(model.compute_dtype), tg.tilt_rows(tilt, idx))
             w = tg.to_device(p["step"].astype(np.float32), nll.device)
             ((nll * scored).sum(1) / scored.sum(1).clamp_min(1) * w).sum().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             led.record("update", np.stack([p["doc"], p["s"], p["ce"]], 1)[p["step"]])
         with torch.no_grad():
-            nll = model(x, y, tg.lora_view(lora, model.compute_dtype), tg.tilt_rows(tilt, idx))
+            nll = model(x, y, lora.view(model.compute_dtype), tg.tilt_rows(tilt, idx))
         rows = np.stack([p["doc"], p["cs"], p["ce"]], 1)[p["live"]]
         return tg.account(led, vd.target_bytes, nll, idx, scored, rows)
     return chunk
