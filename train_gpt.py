@@ -1356,6 +1356,7 @@ class GPT(nn.Module):
         if h.asym_logit_rescale:  # AsymLogit (PR #1923): trained by global TTT only (see precompile_eval)
             self.logit_caps = nn.Parameter(torch.full((2,), LOGIT_SOFTCAP), requires_grad=False)
         self.compute_dtype = torch.bfloat16 if backend != "sdpa" else torch.float32
+        self.trained_on_val = False  # set by prequant_ttt (ILLEGAL), kept by the artifact (load_artifact)
         # module functions held as attributes only so that compile_model can swap in compiled
         # versions (and tools/legality.py can wrap nll)
         self.nll, self.skip_merge, self.final_norm = softcap_nll, skip_merge, final_norm
@@ -2136,6 +2137,7 @@ def load_artifact(path: str, h: Hyperparameters, d: Dist, bos_id: int, backend: 
         state = dequantize_state_dict(deserialize(f.read()))
     model = GPT(h, bos_id, backend).to(d.device)
     model.load_state_dict({k: v.to(d.device) for k, v in state.items()})
+    model.trained_on_val = h.prequant_ttt_epochs > 0  # an ARCH field: the artifact carries it
     if d.device.type == "cuda":
         compile_model(model)
     return model
@@ -2703,9 +2705,8 @@ def eval_warmup(model: GPT, h: Hyperparameters, d: Dist, bos_id: int):
 def prequant_ttt(model: GPT, val: ValData, h: Hyperparameters, d: Dist, log):
     """ILLEGAL research mode (PR #1376 ... #1735/#1738): AdamW on every weight over the val tokens
     for PREQUANT_TTT_EPOCHS epochs (LR cosine over epochs), before quantization and scoring. Every
-    later score comes from a model trained on its targets: evaluate() opens each ledger with that
-    update, so C3 fails and the run is stamped "C3: pre-quant TTT ..." (the flag is an ARCH field:
-    the artifact keeps it)."""
+    later score comes from a model trained on its targets (model.trained_on_val): evaluate() opens
+    each ledger with that update, so C3 fails and the run is stamped "C3: pre-quant TTT ..."."""
     log(banner("NON-COMPLIANT: PREQUANT_TTT_EPOCHS>0 trains on val before scoring (C3). Research only, "
                "never a record."))
     stream, ct, n = val.tokens.to(d.device), h.global_ttt_chunk_tokens, val.num_targets
@@ -2716,6 +2717,7 @@ def prequant_ttt(model: GPT, val: ValData, h: Hyperparameters, d: Dist, log):
         stream_steps(model, stream, [(lo, min(lo + ct, n), lr) for lo in range(0, n, ct)], h, d, opt, None,
                      log, "prequant_ttt")
         log(f"prequant_ttt: epoch {ep + 1}/{h.prequant_ttt_epochs} lr {lr:.2e}")
+    model.trained_on_val = True
 
 
 def evaluate(name: str, fn, model: GPT, val: ValData, h: Hyperparameters, d: Dist, log, timer: Timer) -> tuple:
@@ -2723,7 +2725,7 @@ def evaluate(name: str, fn, model: GPT, val: ValData, h: Hyperparameters, d: Dis
     timer phase and C3/C4 ledger. Returns (Score, legality): "compliant" or what failed."""
     starts, ends = find_docs(val.tokens, val.bos_id)
     led, before = ScoreLedger(val.num_targets, d.device), timer.phases.get(name, 0.0)
-    if h.prequant_ttt_epochs:  # prequant_ttt trained on every target before this pass
+    if model.trained_on_val:  # prequant_ttt trained on every target before this pass
         led.record("update", np.stack([np.arange(starts.size), starts, ends], 1))
     with timer.phase(name):
         score = fn(model, val, h, d, led, log)
@@ -2732,7 +2734,7 @@ def evaluate(name: str, fn, model: GPT, val: ValData, h: Hyperparameters, d: Dis
         f"of {val.num_targets} targets ({timer.phases[name] - before:.1f}s) C3:{'ok' if c['C3'] else 'FAIL'} "
         f"C4:{'ok' if c['C4'] else 'FAIL'}")
     if not c["C3"]:
-        return score, ("C3: pre-quant TTT trained on val before scoring" if h.prequant_ttt_epochs else
+        return score, ("C3: pre-quant TTT trained on val before scoring" if model.trained_on_val else
                        f"C3: {c['late_updates']} optimizer steps used tokens before they were scored")
     if not c["C4"]:
         return score, f"C4: {c['scored']} scores for {val.num_targets} targets, not each exactly once"

@@ -4,6 +4,7 @@ pre-quant research stamp, and TTT over 2 gloo ranks against 1."""
 import json
 import math
 import os
+import types
 
 import numpy as np
 import pytest
@@ -342,7 +343,8 @@ def legality_of(events, h):
         for kind, rows in events:
             led.record(kind, rows)
         return tg.Score(0.0, 0, 0)
-    return tg.evaluate("eval_test", scoring, None, val, h, CPU, quiet, tg.Timer(CPU.device))[1]
+    model = types.SimpleNamespace(trained_on_val=h.prequant_ttt_epochs > 0)  # as after prequant_ttt
+    return tg.evaluate("eval_test", scoring, model, val, h, CPU, quiet, tg.Timer(CPU.device))[1]
 
 
 def test_evaluate_stamps_what_failed():
@@ -366,6 +368,17 @@ def test_final_evaluation_stamps_prequant_ttt():
     assert "mode" not in out and out["scored_by"] == "eval_ttt"  # mode stays train; legality says it
     assert out["tokens_scored"] == val.num_targets and out["val_bpb_sliding"] is None
     assert out["eval_strict_s"] >= out["eval_time_s"] > 0
+
+
+def test_only_evals_after_prequant_ttt_are_marked_as_trained_on_val():
+    """In a PREQUANT_TTT_EPOCHS run the raw-weights eval comes before prequant_ttt: its ledger has
+    no update; every eval after it fails C3."""
+    h, val = tiny(PREQUANT_TTT_EPOCHS=1), legality.synthetic_val()
+    model, timer = legality.random_model(h), tg.Timer(CPU.device)
+    assert tg.evaluate("eval_raw", tg.eval_val, model, val, h, CPU, quiet, timer)[1] == "compliant"
+    tg.prequant_ttt(model, val, h, CPU, quiet)
+    verdict = tg.evaluate("eval_prequant", tg.eval_val, model, val, h, CPU, quiet, timer)[1]
+    assert verdict == "C3: pre-quant TTT trained on val before scoring"
 
 
 def fake_data_dir(root, val: tg.ValData):
