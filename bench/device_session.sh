@@ -5,9 +5,12 @@
 # .old/ (`mkdir -p .old && git archive REV train_gpt.py bench | tar -x -C .old`).
 #
 #   bench/device_session.sh check     # GPU tests, then bench_step old vs new (same call)   ~5 min
+#   bench/device_session.sh stepab    # bench_step old vs new only (nothing else on the GPU)  ~4 min
+#   bench/device_session.sh proxy     # start the proxy lever runs + old code's first 20 steps; GPU tests
 #   bench/device_session.sh r300      # tokenize, start the 300 s run (TTT off), wait        ~9 min
-#   bench/device_session.sh levers    # start the paired eval/quant lever A/Bs on its checkpoint
+#   bench/device_session.sh levers [CK]  # start the paired eval/quant lever A/Bs on a checkpoint
 #   bench/device_session.sh wait      # wait for the running job, print its tail
+# Every stage ends by copying the logs, job outputs and JSON it finds into $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -23,27 +26,52 @@ detached() {  # detached NAME CMD...: run CMD in its own session, /tmp/NAME.out,
   echo "$1" > /tmp/job
 }
 
-case "${1:-}" in
-check)
-  python -m pytest -q tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+collect() {
+  cp /tmp/*.out /tmp/*.json /tmp/proxy/* "$OUT/" 2>/dev/null; cp logs/*.txt "$OUT/" 2>/dev/null
+  mkdir -p "$OUT/old" && cp .old/logs/*.txt "$OUT/old/" 2>/dev/null; true
+}
+trap collect EXIT
+gpu_tests() { python -m pytest -q tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"; }
+step_ab() {
   for code in .old .; do  # same machine, same call: old code, then new
     echo "== bench_step $code"
     (cd $code && BENCH_BATCHES=786432 BENCH_STEPS=8 python bench/bench_step.py) 2>&1 | grep -v '^$' | tail -4
-  done | tee "$OUT/bench_ab.txt" ;;
+  done | tee "$OUT/bench_ab.txt"
+}
+
+case "${1:-}" in
+check) gpu_tests; step_ab ;;
+stepab) step_ab ;;
+proxy)  # issue 14's lever ranking (two base seeds for the noise); issue 16's old-vs-new first 20 steps
+  common="MAX_WALLCLOCK_SECONDS=0 ITERATIONS=200 TTT_ENABLED=0 TRAIN_BATCH_TOKENS=262144 TRAIN_LOG_EVERY=1"
+  common="$common MUON_MOMENTUM_WARMUP_FRAC=0.24"
+  # noloop: 243 steps = the base's GPU time (35 % loop off, then 465.6 / 349.0 ms per step at 262,144)
+  detached proxy python bench/proxy.py --iterations 200 --out /tmp/proxy --common $common \
+    --variant base: --variant seed1:SEED=1 --variant nogate:ATTN_GATE=none --variant noloop:NUM_LOOPS=0,ITERATIONS=243
+  ( (cd .old && exec env $common RUN_ID=old20 ARTIFACT_DIR=/tmp/art_old20 setsid python train_gpt.py) \
+     > /tmp/old20.out 2>&1 &
+   pid=$!  # its own process group (setsid): stopped with its compile workers after step 20
+   for _ in $(seq 900); do grep -qE '(^|[^0-9])20/200 train_loss' .old/logs/old20.txt 2>/dev/null && break; sleep 1; done
+   kill -- -$pid 2>/dev/null || kill $pid; true) &
+  gpu_tests
+  wait_for /tmp/proxy.done $((560 - SECONDS)); tail -12 /tmp/proxy.out ;;
 r300)
   detached r300 env MAX_WALLCLOCK_SECONDS=300 GPTQ_RESERVE_SECONDS=0 TTT_ENABLED=0 TRAIN_LOG_EVERY=50 \
     SAVE_PREQUANT=1 bench/gpu_run.sh 1 r300
   wait_for /tmp/r300.done 540; cp logs/r300.txt "$OUT/" 2>/dev/null
   grep -aE 'train_loss|stopping|val_bpb|artifact:|record_eligible' logs/r300.txt | cut -c1-250 | tail -20 ;;
-levers)  # eval/quantization levers on one set of weights (TTT on: also times TTT per lever)
-  detached levers python tools/ab.py --checkpoint /tmp/art_r300/final_model.pt --variant base:TTT_ENABLED=1 \
-    --variant ctx3072:TTT_ENABLED=1,EVAL_SEQ_LEN=3072,TTT_EVAL_SEQ_LEN=3072 \
+levers)  # eval/quantization levers on one set of weights; quantization ones first, TTT (timed) last
+  detached levers python tools/ab.py --checkpoint "${2:-/tmp/art_r300/final_model.pt}" --variant base:TTT_ENABLED=0 \
+    --variant nolqer:TTT_ENABLED=0,LQER_ENABLED=0 --variant awq:TTT_ENABLED=0,AWQ_LITE_GROUPS=1 \
+    --variant sl2048:TTT_ENABLED=0,SLIDING_ENABLED=1 \
+    --variant sl3072:TTT_ENABLED=0,SLIDING_ENABLED=1,EVAL_SEQ_LEN=3072 \
+    --variant tilt2048:TTT_ENABLED=0,SLIDING_ENABLED=1,NGRAM_BOOST=2.625 \
+    --variant ttt:TTT_ENABLED=1 --variant ttt3072:TTT_ENABLED=1,EVAL_SEQ_LEN=3072,TTT_EVAL_SEQ_LEN=3072 \
     --variant noqv:TTT_ENABLED=1,TTT_LORA_TARGETS=k,o,mlp,head,TTT_LOCAL_LR_MULT=0.75 \
-    --variant awq:TTT_ENABLED=1,AWQ_LITE_GROUPS=1 --variant tilt:TTT_ENABLED=1,NGRAM_BOOST=2.625 \
     --json /tmp/levers.json
   sleep 5; tail -3 /tmp/levers.out ;;
 wait)
   job=$(cat /tmp/job); wait_for "/tmp/$job.done" 570
-  cp "/tmp/$job.out" "$OUT/"; cp "/tmp/$job.json" "logs/$job.txt" "$OUT/" 2>/dev/null; tail -25 "/tmp/$job.out" ;;
-*) echo "usage: $0 check|r300|levers|wait" >&2; exit 2 ;;
+  tail -25 "/tmp/$job.out" ;;
+*) echo "usage: $0 check|stepab|proxy|r300|levers [CHECKPOINT]|wait" >&2; exit 2 ;;
 esac

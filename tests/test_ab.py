@@ -28,18 +28,7 @@ def checkpoint(smoke_dir, tmp_path) -> str:
 def test_ab_same_weights_delta(smoke_dir, tmp_path, monkeypatch):
     """An empty variant reproduces the base exactly; LQER_ENABLED=0 moves val_bpb. CPU time: the
     val set is cut to 4 slots and the eval warmup (which compiles nothing on CPU) is skipped."""
-    path, out, real_val = checkpoint(smoke_dir, tmp_path), str(tmp_path / "ab.json"), tg.load_val_data
-
-    def short_val(spec, h):
-        v, n = real_val(spec, h), 4 * h.slot_tokens
-        return tg.ValData(v.tokens[:n + 1], v.target_bytes[:n], v.bos_id)
-
-    monkeypatch.setattr(tg, "load_val_data", short_val)
-    monkeypatch.setattr(tg, "eval_warmup", lambda *a: None)
-    monkeypatch.setenv("TTT_ENABLED", "0")  # eval-side names from the env apply to every variant
-    monkeypatch.setenv("SLIDING_ENABLED", "0")
-    monkeypatch.setenv("GPTQ_CALIBRATION_BATCHES", "1")
-    real = tg.load_val_data
+    path, out, real = checkpoint(smoke_dir, tmp_path), str(tmp_path / "ab.json"), tg.load_val_data
 
     def first_windows(spec, h):  # 4 eval windows keep the test short; the pipeline is unchanged
         v = real(spec, h)
@@ -47,11 +36,16 @@ def test_ab_same_weights_delta(smoke_dir, tmp_path, monkeypatch):
         return tg.ValData(v.tokens[:n + 1], v.target_bytes[:n], v.bos_id)
 
     monkeypatch.setattr(tg, "load_val_data", first_windows)
+    monkeypatch.setattr(tg, "eval_warmup", lambda *a: None)
+    monkeypatch.setenv("TTT_ENABLED", "0")  # eval-side names from the env apply to every variant
+    monkeypatch.setenv("SLIDING_ENABLED", "0")
+    monkeypatch.setenv("GPTQ_CALIBRATION_BATCHES", "1")
     rc = ab.main(["--checkpoint", path, "--variant", "base:", "--variant", "same:",
                   "--variant", "nolqer:LQER_ENABLED=0", "--code-bytes", "100000", "--json", out])
     assert rc == 0
     rows = {r["variant"]: r for r in json.load(open(out))["rows"]}
     assert rows["same"]["delta"] == 0.0 and rows["base"]["scored_by"] == "eval_diagnostic"
+    assert rows["same"]["quantized_as"] == "base" and rows["nolqer"]["quantized_as"] == "nolqer"
     assert abs(rows["nolqer"]["delta"]) > 1e-6
     assert rows["nolqer"]["model_bytes"] < rows["base"]["model_bytes"]
 
