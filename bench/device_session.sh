@@ -26,9 +26,8 @@ detached() {  # detached NAME CMD...: run CMD in its own session, /tmp/NAME.out,
   echo "$1" > /tmp/job
 }
 
-collect() {
-  cp /tmp/*.out /tmp/*.json /tmp/proxy/* "$OUT/" 2>/dev/null; cp logs/*.txt "$OUT/" 2>/dev/null
-  mkdir -p "$OUT/old" && cp .old/logs/*.txt "$OUT/old/" 2>/dev/null; true
+collect() {  # one tarball: a call brings back only a few files
+  tar czf "$OUT/collected.tgz" --ignore-failed-read /tmp/*.out /tmp/*.json /tmp/proxy logs .old/logs 2>/dev/null; true
 }
 trap collect EXIT
 gpu_tests() { python -m pytest -q tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"; }
@@ -42,18 +41,13 @@ step_ab() {
 case "${1:-}" in
 check) gpu_tests; step_ab ;;
 stepab) step_ab ;;
-proxy)  # issue 14's lever ranking (two base seeds for the noise); issue 16's old-vs-new first 20 steps
+proxy)  # issue 14's lever ranking (two base seeds for the noise), then the eval levers on the base's weights
   common="MAX_WALLCLOCK_SECONDS=0 ITERATIONS=200 TTT_ENABLED=0 TRAIN_BATCH_TOKENS=262144 TRAIN_LOG_EVERY=1"
   common="$common MUON_MOMENTUM_WARMUP_FRAC=0.24"
   # noloop: 243 steps = the base's GPU time (35 % loop off, then 465.6 / 349.0 ms per step at 262,144)
-  detached proxy python bench/proxy.py --iterations 200 --out /tmp/proxy --common $common \
-    --variant base: --variant seed1:SEED=1 --variant nogate:ATTN_GATE=none --variant noloop:NUM_LOOPS=0,ITERATIONS=243
-  ( (cd .old && exec env $common RUN_ID=old20 ARTIFACT_DIR=/tmp/art_old20 setsid python train_gpt.py) \
-     > /tmp/old20.out 2>&1 &
-   pid=$!  # its own process group (setsid): stopped with its compile workers after step 20
-   for _ in $(seq 900); do grep -qE '(^|[^0-9])20/200 train_loss' .old/logs/old20.txt 2>/dev/null && break; sleep 1; done
-   kill -- -$pid 2>/dev/null || kill $pid; true) &
-  gpu_tests
+  detached proxy "{" python bench/proxy.py --iterations 200 --out /tmp/proxy --common $common \
+    --variant base: --variant seed1:SEED=1 --variant nogate:ATTN_GATE=none \
+    --variant noloop:NUM_LOOPS=0,ITERATIONS=243 ";" bench/device_session.sh levers /tmp/art_proxy_base/final_model.pt ";" "}"
   wait_for /tmp/proxy.done $((560 - SECONDS)); tail -12 /tmp/proxy.out ;;
 r300)
   detached r300 env MAX_WALLCLOCK_SECONDS=300 GPTQ_RESERVE_SECONDS=0 TTT_ENABLED=0 TRAIN_LOG_EVERY=50 \

@@ -4,7 +4,10 @@
       --variant base: --variant seed1:SEED=1 --variant nogate:ATTN_GATE=none \
       --variant noloop:NUM_LOOPS=0,ITERATIONS=236 [--common KEY=VAL ...] [--out DIR]
 
-Every variant is its own process of train_gpt.py (one GPU, no torchrun), started at the same time.
+Every variant is its own process of train_gpt.py (one GPU, no torchrun). The first starts alone;
+the others start once it logs its first training step, so they read its compiled graphs from the
+inductor cache instead of compiling them side by side (measured: five cold compiles at once on
+16 cores did not finish in 8 minutes, bench/RESULTS.md).
 Runs are scheduled by steps (MAX_WALLCLOCK_SECONDS=0: progress = step / ITERATIONS), so sharing
 the GPU changes how long they take but not what they compute: the loop switch, the warmdown and
 every result are the same as a run alone. A lever that changes the step cost (the depth loop)
@@ -15,6 +18,7 @@ Prints one row per variant (steps, raw / EMA / quantized val_bpb) and its delta 
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -38,6 +42,15 @@ def final_json(path: str) -> dict:
     return json.loads(lines[-1][len("final_json "):]) if lines else {}
 
 
+def wait_first_step(log: str, proc: subprocess.Popen, poll: float = 2.0):
+    """Until the log has a training-step line (compile done) or the process has ended."""
+    step = re.compile(r"^\d+/\d+ train_loss: ", re.M)  # the log's source dump has it indented only
+    while proc.poll() is None:
+        if os.path.exists(log) and step.search(open(log, encoding="utf-8", errors="replace").read()):
+            return
+        time.sleep(poll)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--iterations", type=int, required=True)
@@ -58,6 +71,11 @@ def main(argv=None):
         env = {**common, **parse_env(env), "RUN_ID": run_id, "ARTIFACT_DIR": f"/tmp/art_{run_id}"}
         print(f"[proxy] {name}: " + " ".join(f"{k}={v}" for k, v in env.items()), flush=True)
         out = open(os.path.join(args.out, f"{run_id}.out"), "w")
+        if os.path.exists(log := os.path.join(ROOT, "logs", f"{run_id}.txt")):
+            os.remove(log)  # a stale log would look like a compiled first variant
+        if procs and len(procs) == 1:
+            wait_first_step(os.path.join(ROOT, "logs", f"{procs[0][1]}.txt"), procs[0][2])
+            print(f"[proxy] {procs[0][0]} compiled in {time.time() - t0:.0f}s; starting the others", flush=True)
         procs.append((name, run_id, subprocess.Popen([sys.executable, "train_gpt.py"], cwd=ROOT,
                                                       env={**os.environ, **env}, stdout=out,
                                                       stderr=subprocess.STDOUT)))
