@@ -201,12 +201,15 @@ def main(argv=None) -> int:
         return 2
     workdir = os.path.dirname(os.path.abspath(args.checkpoint))
     bench = Bench(h, ck, args.code_bytes or packed_code_bytes(), workdir)
-    rows = [bench.run(n, hv) for n, hv in configs]
-    if bench.d.is_main:
-        print(table(rows))
-        with open(args.json, "w") as f:
-            json.dump(dict(checkpoint=os.path.abspath(args.checkpoint), config_hash=h.config_hash(),
-                           variants={n: {k.upper(): v for k, v in o.items()} for n, o in variants}, rows=rows), f, indent=1)
+    rows = []
+    for n, hv in configs:  # the table and the JSON after every variant: a job cut short keeps its rows
+        rows.append(bench.run(n, hv))
+        if bench.d.is_main:
+            print(table(rows), flush=True)
+            with open(args.json, "w") as f:
+                json.dump(dict(checkpoint=os.path.abspath(args.checkpoint), config_hash=h.config_hash(),
+                               variants={n: {k.upper(): v for k, v in o.items()} for n, o in variants},
+                               rows=rows), f, indent=1)
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
