@@ -2,7 +2,12 @@
 
   python bench/proxy.py --iterations 200 --batch 262144 \
       --variant base: --variant seed1:SEED=1 --variant nogate:ATTN_GATE=none \
-      --variant noloop:NUM_LOOPS=0,ITERATIONS=236 [--common KEY=VAL ...] [--out DIR]
+      --variant noloop:NUM_LOOPS=0,ITERATIONS=243 [--common KEY=VAL ...] [--out DIR]
+  python bench/proxy.py --iterations 200 --seeds 42 1 2 --variant base: --variant nogate:ATTN_GATE=none
+
+With --seeds every variant runs once per seed (NAME_sSEED) and a second table gives each
+variant's mean quantized val_bpb, its delta against the first variant's mean and the one-sided
+Welch p that it is lower (tools/seeds.py's test).
 
 Every variant is its own process of train_gpt.py (one GPU, no torchrun). The first starts alone;
 the others start once it logs its first training step, so they read its compiled graphs from the
@@ -19,11 +24,14 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+from seeds import welch  # noqa: E402
 
 
 def parse_env(spec: str) -> dict:
@@ -51,12 +59,32 @@ def wait_first_step(log: str, proc: subprocess.Popen, poll: float = 2.0):
         time.sleep(poll)
 
 
+def seed_table(rows: list, variants: list, seeds: list, key: str = "val_bpb_diagnostic") -> str:
+    """Per variant over its seeds: n, mean, delta vs the first variant's mean, Welch p (lower)."""
+    by = {n: r.get(key) for n, _, r in rows}
+    vals = {v: [by[f"{v}_s{s}"] for s in seeds if by.get(f"{v}_s{s}") is not None] for v in variants}
+    base = vals[variants[0]]
+    lines = [f"{'variant':>12} {'n':>2} {'mean':>9} {'sd':>8} {'delta':>9} {'p(lower)':>9}"]
+    for v in variants:
+        xs = vals[v]
+        if not xs:
+            lines.append(f"{v:>12}  0 (no finished run)")
+            continue
+        mean, sd = statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else float("nan")
+        test = welch(xs, base) if v != variants[0] and base else None
+        delta = f"{mean - statistics.fmean(base):+.5f}" if base else "-"
+        lines.append(f"{v:>12} {len(xs):>2} {mean:>9.5f} {sd:>8.5f} {delta:>9} "
+                     f"{test['p'] if test else float('nan'):>9.3f}")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--iterations", type=int, required=True)
     ap.add_argument("--batch", type=int, default=262144, help="TRAIN_BATCH_TOKENS")
     ap.add_argument("--variant", action="append", required=True, metavar="NAME:K=V,K=V")
     ap.add_argument("--common", nargs="*", default=[], metavar="K=V", help="env for every variant")
+    ap.add_argument("--seeds", nargs="*", type=int, default=[], help="run every variant once per seed")
     ap.add_argument("--prefix", default="proxy")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/proxy"))
     args = ap.parse_args(argv)
@@ -65,10 +93,12 @@ def main(argv=None):
     common.update(parse_env(",".join(args.common)))
     os.makedirs(args.out, exist_ok=True)
     procs, t0 = [], time.time()
-    for spec in args.variant:
-        name, _, env = spec.partition(":")
+    runs = [(spec.partition(":")[0], parse_env(spec.partition(":")[2])) for spec in args.variant]
+    if args.seeds:
+        runs = [(f"{name}_s{seed}", {**env, "SEED": str(seed)}) for name, env in runs for seed in args.seeds]
+    for name, env in runs:
         run_id = f"{args.prefix}_{name}"
-        env = {**common, **parse_env(env), "RUN_ID": run_id, "ARTIFACT_DIR": f"/tmp/art_{run_id}"}
+        env = {**common, **env, "RUN_ID": run_id, "ARTIFACT_DIR": f"/tmp/art_{run_id}"}
         print(f"[proxy] {name}: " + " ".join(f"{k}={v}" for k, v in env.items()), flush=True)
         out = open(os.path.join(args.out, f"{run_id}.out"), "w")
         if os.path.exists(log := os.path.join(ROOT, "logs", f"{run_id}.txt")):
@@ -95,6 +125,8 @@ def main(argv=None):
         fmt = ["{}", "{:.5f}", "{:.5f}", "{:.5f}", "{:+.5f}"]
         print(f"{name:>12} {rc:>3} " + " ".join(
             (f.format(c) if c is not None else "-").rjust(w) for f, c, w in zip(fmt, cells, (6, 9, 9, 9, 9))))
+    if args.seeds:
+        print(seed_table(rows, [n for n, _ in (v.partition(":")[::2] for v in args.variant)], args.seeds))
     with open(os.path.join(args.out, f"{args.prefix}_summary.json"), "w") as f:
         json.dump([{"variant": n, "rc": rc, **r} for n, rc, r in rows], f, indent=1)
     return max(rc for _, rc, _ in rows)

@@ -33,3 +33,13 @@ def test_wait_first_step_returns_when_the_run_dies(tmp_path):
     p = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
     proxy.wait_first_step(str(tmp_path / "never.txt"), p, poll=0.1)
     assert p.returncode == 3
+
+
+def test_seed_table_means_deltas_and_welch():
+    rows = [(f"{v}_s{s}", 0, {"val_bpb_diagnostic": x}) for v, xs in
+            (("base", (1.600, 1.602, 1.604)), ("lever", (1.590, 1.591, 1.592))) for s, x in zip((1, 2, 3), xs)]
+    table = proxy.seed_table(rows + [("late_s1", 1, {})], ["base", "lever", "late"], [1, 2, 3]).splitlines()
+    base, lever, late = table[1].split(), table[2].split(), table[3]
+    assert base[1:3] == ["3", "1.60200"] and lever[2] == "1.59100" and lever[4] == "-0.01100"
+    assert float(lever[5]) < 0.01  # ten standard errors lower
+    assert "no finished run" in late
