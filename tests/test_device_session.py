@@ -1,0 +1,34 @@
+"""bench/device_session.sh: its variants must parse before device time is spent on them."""
+import os
+import re
+import subprocess
+
+import ab
+import train_gpt as tg
+from conftest import REPO_ROOT
+
+SCRIPT = os.path.join(REPO_ROOT, "bench", "device_session.sh")
+
+
+def stage(name: str) -> str:
+    text = open(SCRIPT, encoding="utf-8").read()
+    return re.search(rf"^{name}\)(.*?)\n\S", text, re.S | re.M).group(1)
+
+
+def test_script_parses():
+    subprocess.run(["bash", "-n", SCRIPT], check=True)
+
+
+def test_lever_variants_are_eval_side_names():
+    specs = re.findall(r"--variant ([^\s\"]+)", stage("levers"))
+    names = [ab.parse_variant(s)[0] for s in specs]  # raises on a typo or a training-side name
+    assert len(specs) >= 8 and len(set(names)) == len(names)
+
+
+def test_proxy_and_sweep_env_names_are_declared():
+    for name in ("proxy", "sweep"):
+        body = stage(name).replace("$(( (n * 12172 + 5000) / 10000 ))", "609")
+        pairs = re.findall(r"\b([A-Z][A-Z0-9_]+)=([^\s,\"]+)", body)
+        env = {k: v for k, v in pairs if not v.startswith("$")}
+        assert len(env) >= 4
+        tg.load_config(env)  # raises for an undeclared or retired name
