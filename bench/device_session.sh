@@ -11,7 +11,7 @@
 #   bench/device_session.sh r300      # tokenize, start the 300 s run (TTT off), wait        ~9 min
 #   bench/device_session.sh levers [CK [quant|eval]]  # paired lever A/Bs on a checkpoint, detached
 #   bench/device_session.sh wait      # wait for the running job, print its tail
-# Every stage ends by copying the logs, job outputs and JSON it finds into $OUT.
+# Every stage ends by packing the logs, job outputs and JSON it finds into $OUT/collected.tgz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -45,7 +45,8 @@ stepab) step_ab ;;
 proxy)  # issue 14's lever ranking (two base seeds for the noise), then the eval levers on the base's weights
   common="MAX_WALLCLOCK_SECONDS=0 ITERATIONS=200 TTT_ENABLED=0 TRAIN_BATCH_TOKENS=262144 TRAIN_LOG_EVERY=1"
   common="$common MUON_MOMENTUM_WARMUP_FRAC=0.24"
-  # noloop: 243 steps = the base's GPU time (35 % loop off, then 465.6 / 349.0 ms per step at 262,144)
+  # noloop: 243 steps = the base's GPU time (35 % loop off, then 465.6 / 349.0 ms per step at 262,144,
+  # the ratio measured on an H100, bench/RESULTS.md; not re-measured on the H200)
   detached proxy "{" python bench/proxy.py --iterations 200 --out /tmp/proxy --common $common \
     --variant base: --variant seed1:SEED=1 --variant nogate:ATTN_GATE=none \
     --variant noloop:NUM_LOOPS=0,ITERATIONS=243 ";" bench/device_session.sh levers /tmp/art_proxy_base/final_model.pt ";" "}"
@@ -53,7 +54,7 @@ proxy)  # issue 14's lever ranking (two base seeds for the noise), then the eval
 r300)
   detached r300 env MAX_WALLCLOCK_SECONDS=300 GPTQ_RESERVE_SECONDS=0 TTT_ENABLED=0 TRAIN_LOG_EVERY=50 \
     SAVE_PREQUANT=1 bench/gpu_run.sh 1 r300
-  wait_for /tmp/r300.done 540; cp logs/r300.txt "$OUT/" 2>/dev/null
+  wait_for /tmp/r300.done 540
   grep -aE 'train_loss|stopping|val_bpb|artifact:|record_eligible' logs/r300.txt | cut -c1-250 | tail -20 ;;
 sweep)  # where the depth loop starts to pay: base vs no loop at N steps, the same GPU time each
   n=${2:?sweep N}

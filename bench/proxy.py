@@ -11,8 +11,8 @@ Welch p that it is lower (tools/seeds.py's test).
 
 Every variant is its own process of train_gpt.py (one GPU, no torchrun). The first starts alone;
 the others start once it logs its first training step, so they read its compiled graphs from the
-inductor cache instead of compiling them side by side (measured: five cold compiles at once on
-16 cores did not finish in 8 minutes, bench/RESULTS.md).
+inductor cache instead of compiling them side by side (measured: six cold compiles at once on
+16 cores reached no training step in 8 minutes, bench/RESULTS.md).
 Runs are scheduled by steps (MAX_WALLCLOCK_SECONDS=0: progress = step / ITERATIONS), so sharing
 the GPU changes how long they take but not what they compute: the loop switch, the warmdown and
 every result are the same as a run alone. A lever that changes the step cost (the depth loop)
@@ -42,6 +42,10 @@ def parse_env(spec: str) -> dict:
             raise SystemExit(f"proxy: {item!r} must look like KEY=VALUE")
         out[key] = val
     return out
+
+
+def log_path(run_id: str) -> str:
+    return os.path.join(ROOT, "logs", f"{run_id}.txt")
 
 
 def final_json(path: str) -> dict:
@@ -93,7 +97,8 @@ def main(argv=None):
     common.update(parse_env(",".join(args.common)))
     os.makedirs(args.out, exist_ok=True)
     procs, t0 = [], time.time()
-    runs = [(spec.partition(":")[0], parse_env(spec.partition(":")[2])) for spec in args.variant]
+    names = [spec.partition(":")[0] for spec in args.variant]
+    runs = [(name, parse_env(spec.partition(":")[2])) for name, spec in zip(names, args.variant)]
     if args.seeds:
         runs = [(f"{name}_s{seed}", {**env, "SEED": str(seed)}) for name, env in runs for seed in args.seeds]
     for name, env in runs:
@@ -101,10 +106,10 @@ def main(argv=None):
         env = {**common, **env, "RUN_ID": run_id, "ARTIFACT_DIR": f"/tmp/art_{run_id}"}
         print(f"[proxy] {name}: " + " ".join(f"{k}={v}" for k, v in env.items()), flush=True)
         out = open(os.path.join(args.out, f"{run_id}.out"), "w")
-        if os.path.exists(log := os.path.join(ROOT, "logs", f"{run_id}.txt")):
-            os.remove(log)  # a stale log would look like a compiled first variant
-        if procs and len(procs) == 1:
-            wait_first_step(os.path.join(ROOT, "logs", f"{procs[0][1]}.txt"), procs[0][2])
+        if os.path.exists(log_path(run_id)):
+            os.remove(log_path(run_id))  # a stale log would look like a compiled first variant
+        if len(procs) == 1:
+            wait_first_step(log_path(procs[0][1]), procs[0][2])
             print(f"[proxy] {procs[0][0]} compiled in {time.time() - t0:.0f}s; starting the others", flush=True)
         procs.append((name, run_id, subprocess.Popen([sys.executable, "train_gpt.py"], cwd=ROOT,
                                                       env={**os.environ, **env}, stdout=out,
@@ -126,7 +131,7 @@ def main(argv=None):
         print(f"{name:>12} {rc:>3} " + " ".join(
             (f.format(c) if c is not None else "-").rjust(w) for f, c, w in zip(fmt, cells, (6, 9, 9, 9, 9))))
     if args.seeds:
-        print(seed_table(rows, [n for n, _ in (v.partition(":")[::2] for v in args.variant)], args.seeds))
+        print(seed_table(rows, names, args.seeds))
     with open(os.path.join(args.out, f"{args.prefix}_summary.json"), "w") as f:
         json.dump([{"variant": n, "rc": rc, **r} for n, rc, r in rows], f, indent=1)
     return max(rc for _, rc, _ in rows)

@@ -19,9 +19,10 @@ from training data (shared by variants with the same calibration), quantize_fit 
 cap against the packed train_gpt.py, or --code-bytes), serialize, write (ab_NAME.ptz beside the
 checkpoint), load_artifact, final_evaluation. A variant whose quantization settings equal an
 earlier one's scores that variant's artifact (GPTQ is deterministic given the settings; its
-`quantized_as` names it), so eval-only variants cost only their eval. Prints variant, val_bpb, delta vs the base and
-seconds (Hessians are counted in the first variant that needs them; on a GPU the first variant
-also compiles the eval graphs); writes the rows as JSON.
+`quantized_as` names it), so eval-only variants cost only their eval. After every variant it
+prints the table (variant, val_bpb, delta vs the base, seconds; Hessians are counted in the first
+variant that needs them, and on a GPU the first variant also compiles the eval graphs) and
+rewrites the JSON, so a job cut short keeps its rows.
 """
 import argparse
 import dataclasses
@@ -129,7 +130,7 @@ class Bench:
         self.sd = {k: v.float() for k, v in ck["state_dict"].items()}
         self.looping = ck.get("looping", h.num_loops > 0)  # older runs: a full run ends looping
         self.budget, self.workdir, self.hessians = tg.ARTIFACT_CAP - code_bytes, workdir, {}
-        self.artifacts = {}  # quantization settings -> (variant that wrote it, blob, MLP sigma used)
+        self.artifacts = {}  # quantization settings -> (variant that wrote it, model bytes, MLP sigma used)
 
     def log(self, tag: str):
         return lambda msg="", console=True: print(f"[{tag}] {msg}", flush=True) if self.d.is_main else None
@@ -155,8 +156,8 @@ class Bench:
             if self.d.is_main:
                 with open(os.path.join(self.workdir, f"ab_{name}.ptz"), "wb") as f:
                     f.write(blob)
-            self.artifacts[qkey] = (name, blob, sigma)
-        quantized_as, blob, sigma = self.artifacts[qkey]
+            self.artifacts[qkey] = (name, len(blob), sigma)
+        quantized_as, model_bytes, sigma = self.artifacts[qkey]
         path = os.path.join(self.workdir, f"ab_{quantized_as}.ptz")
         if dist.is_initialized():
             dist.barrier()
@@ -166,7 +167,7 @@ class Bench:
             model.looping = self.looping
         out = tg.final_evaluation(model, self.val, h, self.d, log, timer)
         return dict(variant=name, val_bpb=out["val_bpb"], val_loss=out["val_loss"], scored_by=out["scored_by"],
-                    val_bpb_diagnostic=out["val_bpb_diagnostic"], model_bytes=len(blob), quantized_as=quantized_as,
+                    val_bpb_diagnostic=out["val_bpb_diagnostic"], model_bytes=model_bytes, quantized_as=quantized_as,
                     mlp_clip_sigmas_used=sigma, legality=out["legality"], eval_time_s=out["eval_time_s"],
                     seconds=time.perf_counter() - t0)
 
@@ -202,7 +203,7 @@ def main(argv=None) -> int:
     workdir = os.path.dirname(os.path.abspath(args.checkpoint))
     bench = Bench(h, ck, args.code_bytes or packed_code_bytes(), workdir)
     rows = []
-    for n, hv in configs:  # the table and the JSON after every variant: a job cut short keeps its rows
+    for n, hv in configs:
         rows.append(bench.run(n, hv))
         if bench.d.is_main:
             print(table(rows), flush=True)
