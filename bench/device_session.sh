@@ -32,10 +32,11 @@ collect() {  # one tarball: a call brings back only a few files
 }
 trap collect EXIT
 gpu_tests() { python -m pytest -q tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"; }
-step_ab() {
+step_ab() {  # the bench shards, not synthetic tokens: each version's generator draws other documents
   for code in .old .; do  # same machine, same call: old code, then new
     echo "== bench_step $code"
-    (cd $code && BENCH_BATCHES=786432 BENCH_STEPS=8 python bench/bench_step.py) 2>&1 | grep -v '^$' | tail -4
+    (cd $code && BENCH_DATA=$DATA_PATH BENCH_BATCHES=786432 BENCH_STEPS=8 python bench/bench_step.py) 2>&1 |
+      grep -v '^$' | tail -4
   done | tee "$OUT/bench_ab.txt"
 }
 
