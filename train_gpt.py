@@ -2678,46 +2678,7 @@ def log_ttt_batch(log, b: int, n: int, prog: Progress, budget: Timer, lens):
         f"t:{budget.elapsed():.1f}s")
 
 
-# Compile warmup, the research mode, and the one scoring step every eval goes through.
-
-
-def eval_warmup(model: GPT, h: Hyperparameters, d: Dist, bos_id: int):
-    """Compile every eval graph (diagnostic, sliding, LoRA fwd+bwd at each length bucket, global
-    SGD) on random tokens, then restore the weights. LoRA TTT runs as world size 1 on every rank
-    so that each rank compiles it; the rest runs on all ranks with their real shapes."""
-    doc, gen = h.ttt_eval_seq_len + h.ttt_chunk_size + 1, torch.Generator().manual_seed(1234)
-    tokens = synthetic_tokens(h.ttt_batch_size * doc + 1, h.vocab_size, bos_id, doc, gen)
-    fake = ValData(tokens, torch.ones(tokens.numel() - 1, dtype=torch.long), bos_id)
-    quiet, led = lambda *a, **k: None, ScoreLedger(fake.num_targets, d.device)
-    solo = Dist(0, 1, d.local_rank, d.device)  # collectives still run, identically on all ranks
-    with weights_restored(model):
-        eval_val(model, fake, h, solo, led, quiet)
-        if h.sliding_enabled:
-            eval_sliding(model, fake, h, solo, led, quiet)
-        if h.ttt_enabled:  # global SGD first: torch 2.13 crashes explaining a recompile from a
-            # LoRA graph to a graph without adapters (it looks up lora['k'] in the new call's None)
-            doc = h.global_ttt_chunk_tokens // 2 + 1
-            stream = synthetic_tokens(4 * doc + 1, h.vocab_size, bos_id, doc, gen.manual_seed(1234))
-            global_sgd(model, stream.to(d.device), h, d, None, quiet, "warmup")
-            ttt_eval(model, fake, dataclasses.replace(h, phased_ttt_num_phases=0), solo, led, quiet)
-
-
-def prequant_ttt(model: GPT, val: ValData, h: Hyperparameters, d: Dist, log):
-    """ILLEGAL research mode (PR #1376 ... #1735/#1738): AdamW on every weight over the val tokens
-    for PREQUANT_TTT_EPOCHS epochs (LR cosine over epochs), before quantization and scoring. Every
-    later score comes from a model trained on its targets (model.trained_on_val): evaluate() opens
-    each ledger with that update, so C3 fails and the run is stamped "C3: pre-quant TTT ..."."""
-    log(banner("NON-COMPLIANT: PREQUANT_TTT_EPOCHS>0 trains on val before scoring (C3). Research only, "
-               "never a record."))
-    stream, ct, n = val.tokens.to(d.device), h.global_ttt_chunk_tokens, val.num_targets
-    opt = torch.optim.AdamW(model.parameters(), lr=h.prequant_ttt_lr, weight_decay=0.0)
-    model.requires_grad_(True)
-    for ep in range(h.prequant_ttt_epochs):
-        lr = cosine(h.prequant_ttt_lr, ep, h.prequant_ttt_epochs)
-        stream_steps(model, stream, [(lo, min(lo + ct, n), lr) for lo in range(0, n, ct)], h, d, opt, None,
-                     log, "prequant_ttt")
-        log(f"prequant_ttt: epoch {ep + 1}/{h.prequant_ttt_epochs} lr {lr:.2e}")
-    model.trained_on_val = True
+# The one scoring step every eval goes through: its own timer phase and C3/C4 ledger.
 
 
 def evaluate(name: str, fn, model: GPT, val: ValData, h: Hyperparameters, d: Dist, log, timer: Timer) -> tuple:
@@ -2741,45 +2702,12 @@ def evaluate(name: str, fn, model: GPT, val: ValData, h: Hyperparameters, d: Dis
     return score, "compliant"
 
 
-def scoring_state(model: GPT, h: Hyperparameters):
-    model.looping = h.num_loops > 0  # the scored model always runs its loop, as in the records
-    model.seq_len = h.score_seq_len  # eval windows longer than TRAIN_SEQ_LEN are not cut
-    model.requires_grad_(False)
-
-
-def final_evaluation(model: GPT, val: ValData, h: Hyperparameters, d: Dist, log, timer: Timer) -> dict:
-    """Everything after training, on the model to score: compile warmup (random tokens), the
-    non-overlapping diagnostic, sliding windows and phased LoRA TTT, each through evaluate().
-    val_bpb is TTT's score, else sliding's, else the diagnostic's: a fixed precedence, never a
-    minimum over evals (that would be multi-pass selection, C4). `timer` runs from the start of
-    the strict eval (the artifact load): TTT's global SGD gets what the earlier stages left."""
-    scoring_state(model, h)
-    with timer.phase("eval_warmup"):
-        eval_warmup(model, h, d, val.bos_id)
-    log(f"eval_warmup: {timer.phases['eval_warmup']:.1f}s (random tokens, no val data)")
-    out, legal = dict(val_bpb_sliding=None), []
-    for name, on, fn in (("eval_diagnostic", True, eval_val), ("eval_sliding", h.sliding_enabled, eval_sliding),
-                         ("eval_ttt", h.ttt_enabled, functools.partial(ttt_eval, budget=timer))):
-        if on:
-            (score, verdict), scored_by = evaluate(name, fn, model, val, h, d, log, timer), name
-            out["val_bpb_" + name.removeprefix("eval_")], legal = score.bpb, legal + [verdict]
-    legality, strict = next((v for v in legal if v != "compliant"), "compliant"), timer.slowest()
-    if legality != "compliant":
-        log(banner(f"NON-COMPLIANT evaluation: {legality}"))
-    parts = ", ".join(f"{k} {v:.1f}s" for k, v in timer.phases.items())
-    log(f"eval timing: scoring only ({scored_by}) {timer.phases[scored_by]:.1f}s, strict total {strict:.1f}s "
-        f"(slowest rank, from the artifact load; {parts})")
-    out.update(val_bpb=score.bpb, val_loss=score.loss, scored_by=scored_by, tokens_scored=score.tokens,
-               bytes_scored=score.bytes, eval_time_s=timer.phases[scored_by], eval_strict_s=strict,
-               legality=legality, timings={k: round(v, 2) for k, v in timer.phases.items()})
-    return out
-
-
 # ------------------------------------------------------------------------------------------------
 # Training
-# The clock runs only around optimizer steps: compile warmup (synthetic tokens, state restored
-# afterwards) and evals are outside it. Progress is elapsed / (cap - GPTQ reserve), all-reduced
-# with MAX every step so every rank switches the loop on and stops on the same step.
+# The clock runs only around optimizer steps: the compile warmups of the training and eval graphs
+# (synthetic tokens, state restored afterwards) and evals are outside it. Progress is elapsed /
+# (cap - GPTQ reserve), all-reduced with MAX every step so every rank switches the loop on and
+# stops on the same step. Last, the pre-quant TTT research mode (ILLEGAL, off by default).
 # ------------------------------------------------------------------------------------------------
 
 
@@ -2816,6 +2744,33 @@ def compile_warmup(model: GPT, h: Hyperparameters, d: Dist, val_window: int) -> 
                 x, y = synthetic_batches(h, d, model.bos_id, gen)[0]
                 model(x[:, :val_window], y[:, :val_window])
     model.looping = False
+
+
+def scoring_state(model: GPT, h: Hyperparameters):
+    model.looping = h.num_loops > 0  # the scored model always runs its loop, as in the records
+    model.seq_len = h.score_seq_len  # eval windows longer than TRAIN_SEQ_LEN are not cut
+    model.requires_grad_(False)
+
+
+def eval_warmup(model: GPT, h: Hyperparameters, d: Dist, bos_id: int):
+    """Compile every eval graph (diagnostic, sliding, LoRA fwd+bwd at each length bucket, global
+    SGD) on random tokens, then restore the weights. LoRA TTT runs as world size 1 on every rank
+    so that each rank compiles it; the rest runs on all ranks with their real shapes."""
+    doc, gen = h.ttt_eval_seq_len + h.ttt_chunk_size + 1, torch.Generator().manual_seed(1234)
+    tokens = synthetic_tokens(h.ttt_batch_size * doc + 1, h.vocab_size, bos_id, doc, gen)
+    fake = ValData(tokens, torch.ones(tokens.numel() - 1, dtype=torch.long), bos_id)
+    quiet, led = lambda *a, **k: None, ScoreLedger(fake.num_targets, d.device)
+    solo = Dist(0, 1, d.local_rank, d.device)  # collectives still run, identically on all ranks
+    with weights_restored(model):
+        eval_val(model, fake, h, solo, led, quiet)
+        if h.sliding_enabled:
+            eval_sliding(model, fake, h, solo, led, quiet)
+        if h.ttt_enabled:  # global SGD first: torch 2.13 crashes explaining a recompile from a
+            # LoRA graph to a graph without adapters (it looks up lora['k'] in the new call's None)
+            doc = h.global_ttt_chunk_tokens // 2 + 1
+            stream = synthetic_tokens(4 * doc + 1, h.vocab_size, bos_id, doc, gen.manual_seed(1234))
+            global_sgd(model, stream.to(d.device), h, d, None, quiet, "warmup")
+            ttt_eval(model, fake, dataclasses.replace(h, phased_ttt_num_phases=0), solo, led, quiet)
 
 
 def precompile_eval(model: GPT, h: Hyperparameters, d: Dist, bos_id: int):
@@ -2895,6 +2850,24 @@ def raw_eval(model: GPT, val: ValData, h: Hyperparameters, d: Dist, log, timer: 
     score, _ = evaluate("eval_raw", eval_val, model, val, h, d, log, timer)
     model.requires_grad_(True)
     return score
+
+
+def prequant_ttt(model: GPT, val: ValData, h: Hyperparameters, d: Dist, log):
+    """ILLEGAL research mode (PR #1376 ... #1735/#1738): AdamW on every weight over the val tokens
+    for PREQUANT_TTT_EPOCHS epochs (LR cosine over epochs), before quantization and scoring. Every
+    later score comes from a model trained on its targets (model.trained_on_val): evaluate() opens
+    each ledger with that update, so C3 fails and the run is stamped "C3: pre-quant TTT ..."."""
+    log(banner("NON-COMPLIANT: PREQUANT_TTT_EPOCHS>0 trains on val before scoring (C3). Research only, "
+               "never a record."))
+    stream, ct, n = val.tokens.to(d.device), h.global_ttt_chunk_tokens, val.num_targets
+    opt = torch.optim.AdamW(model.parameters(), lr=h.prequant_ttt_lr, weight_decay=0.0)
+    model.requires_grad_(True)
+    for ep in range(h.prequant_ttt_epochs):
+        lr = cosine(h.prequant_ttt_lr, ep, h.prequant_ttt_epochs)
+        stream_steps(model, stream, [(lo, min(lo + ct, n), lr) for lo in range(0, n, ct)], h, d, opt, None,
+                     log, "prequant_ttt")
+        log(f"prequant_ttt: epoch {ep + 1}/{h.prequant_ttt_epochs} lr {lr:.2e}")
+    model.trained_on_val = True
 
 
 # ------------------------------------------------------------------------------------------------
@@ -3082,6 +3055,34 @@ def data_blockers(data: dict) -> list:
         return [f"data: {data['train_shards']} train shards, {data['val_targets']} val targets; the "
                 f"published {data['variant']} export has {want[0]} and {' or '.join(map(str, want[1]))}"]
     return []
+
+
+def final_evaluation(model: GPT, val: ValData, h: Hyperparameters, d: Dist, log, timer: Timer) -> dict:
+    """Everything after training, on the model to score: compile warmup (random tokens), the
+    non-overlapping diagnostic, sliding windows and phased LoRA TTT, each through evaluate().
+    val_bpb is TTT's score, else sliding's, else the diagnostic's: a fixed precedence, never a
+    minimum over evals (that would be multi-pass selection, C4). `timer` runs from the start of
+    the strict eval (the artifact load): TTT's global SGD gets what the earlier stages left."""
+    scoring_state(model, h)
+    with timer.phase("eval_warmup"):
+        eval_warmup(model, h, d, val.bos_id)
+    log(f"eval_warmup: {timer.phases['eval_warmup']:.1f}s (random tokens, no val data)")
+    out, legal = dict(val_bpb_sliding=None), []
+    for name, on, fn in (("eval_diagnostic", True, eval_val), ("eval_sliding", h.sliding_enabled, eval_sliding),
+                         ("eval_ttt", h.ttt_enabled, functools.partial(ttt_eval, budget=timer))):
+        if on:
+            (score, verdict), scored_by = evaluate(name, fn, model, val, h, d, log, timer), name
+            out["val_bpb_" + name.removeprefix("eval_")], legal = score.bpb, legal + [verdict]
+    legality, strict = next((v for v in legal if v != "compliant"), "compliant"), timer.slowest()
+    if legality != "compliant":
+        log(banner(f"NON-COMPLIANT evaluation: {legality}"))
+    parts = ", ".join(f"{k} {v:.1f}s" for k, v in timer.phases.items())
+    log(f"eval timing: scoring only ({scored_by}) {timer.phases[scored_by]:.1f}s, strict total {strict:.1f}s "
+        f"(slowest rank, from the artifact load; {parts})")
+    out.update(val_bpb=score.bpb, val_loss=score.loss, scored_by=scored_by, tokens_scored=score.tokens,
+               bytes_scored=score.bytes, eval_time_s=timer.phases[scored_by], eval_strict_s=strict,
+               legality=legality, timings={k: round(v, 2) for k, v in timer.phases.items()})
+    return out
 
 
 def score_artifact(path: str, h: Hyperparameters, d: Dist, spec: DataSpec, val: ValData, backend: str,
