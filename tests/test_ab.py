@@ -48,6 +48,8 @@ def test_ab_same_weights_delta(smoke_dir, tmp_path, monkeypatch):
     assert rows["same"]["quantized_as"] == "base" and rows["nolqer"]["quantized_as"] == "nolqer"
     assert abs(rows["nolqer"]["delta"]) > 1e-6
     assert rows["nolqer"]["model_bytes"] < rows["base"]["model_bytes"]
+    assert all(0 <= r["warmup_s"] <= r["strict_s"] and r["eval_time_s"] <= r["strict_s"] <= r["seconds"]
+               for r in rows.values())  # the scoring pass and the warmup are parts of the strict eval
 
 
 def test_ab_variant_values_may_hold_commas():

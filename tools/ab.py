@@ -20,8 +20,9 @@ cap against the packed train_gpt.py, or --code-bytes), serialize, write (ab_NAME
 checkpoint), load_artifact, final_evaluation. A variant whose quantization settings equal an
 earlier one's scores that variant's artifact (GPTQ is deterministic given the settings; its
 `quantized_as` names it), so eval-only variants cost only their eval. After every variant it
-prints the table (variant, val_bpb, delta vs the base, seconds; Hessians are counted in the first
-variant that needs them, and on a GPU the first variant also compiles the eval graphs) and
+prints the table (variant, val_bpb, delta vs the base, seconds of the scoring pass, of the eval
+warmup and of the whole variant; Hessians are counted in the first variant that needs them, and
+on a GPU the warmup of the first variant, or of one with new shapes, compiles the eval graphs) and
 rewrites the JSON, so a job cut short keeps its rows.
 """
 import argparse
@@ -169,16 +170,20 @@ class Bench:
         return dict(variant=name, val_bpb=out["val_bpb"], val_loss=out["val_loss"], scored_by=out["scored_by"],
                     val_bpb_diagnostic=out["val_bpb_diagnostic"], model_bytes=model_bytes, quantized_as=quantized_as,
                     mlp_clip_sigmas_used=sigma, legality=out["legality"], eval_time_s=out["eval_time_s"],
+                    warmup_s=out["timings"]["eval_warmup"], strict_s=out["eval_strict_s"],
                     seconds=time.perf_counter() - t0)
 
 
 def table(rows: list) -> str:
     base = rows[0]
-    lines = [f"{'variant':<16} {'val_bpb':>10} {'delta':>10} {'model_bytes':>12} {'seconds':>8}  legality"]
+    # scoring: the scoring pass alone; warmup: compiling/running the eval graphs after the load (a
+    # trainer run compiles them before training); seconds: the whole variant, quantization included
+    lines = [f"{'variant':<16} {'val_bpb':>10} {'delta':>10} {'model_bytes':>12} {'scoring':>8} {'warmup':>7} "
+             f"{'seconds':>8}  legality"]
     for r in rows:
         r["delta"] = r["val_bpb"] - base["val_bpb"]
         lines.append(f"{r['variant']:<16} {r['val_bpb']:>10.6f} {r['delta']:>+10.6f} {r['model_bytes']:>12} "
-                     f"{r['seconds']:>8.1f}  {r['legality']}")
+                     f"{r['eval_time_s']:>8.1f} {r['warmup_s']:>7.1f} {r['seconds']:>8.1f}  {r['legality']}")
     return "\n".join(lines)
 
 
