@@ -7,7 +7,7 @@
 #   bench/device_session.sh check     # GPU tests, then bench_step old vs new (same call)   ~5 min
 #   bench/device_session.sh stepab    # bench_step old vs new only (nothing else on the GPU)  ~4 min
 #   bench/device_session.sh proxy     # proxy lever runs (200 steps, 4 at once), then `levers` ~12 min
-#   bench/device_session.sh sweep N [quant|eval]  # loop vs no loop at N proxy steps (equal GPU time)
+#   bench/device_session.sh sweep N [quant|eval|stepab]  # loop vs no loop at N proxy steps, then ...
 #   bench/device_session.sh r300      # tokenize, start the 300 s run (TTT off), wait        ~9 min
 #   bench/device_session.sh levers [CK [quant|eval]]  # paired lever A/Bs on a checkpoint, detached
 #   bench/device_session.sh wait [S]  # wait (at most S s) for the running job, print its tail
@@ -57,10 +57,16 @@ r300)
     SAVE_PREQUANT=1 bench/gpu_run.sh 1 r300
   wait_for /tmp/r300.done 540
   grep -aE 'train_loss|stopping|val_bpb|artifact:|record_eligible' logs/r300.txt | cut -c1-250 | tail -20 ;;
-sweep)  # sweep N [quant|eval]: where the depth loop starts to pay, base vs no loop at N steps (the
-  # same GPU time each), then (if asked) those levers on the base's weights; GPU tests run beside it
-  n=${2:?sweep N} chain=":"
-  [ -n "${3:-}" ] && chain="bench/device_session.sh levers /tmp/art_sweep${n}_base/final_model.pt $3"
+sweep)  # sweep N [quant|eval|stepab]: where the depth loop starts to pay, base vs no loop at N steps
+  # (the same GPU time each), then (if asked) those levers on the base's weights or the step A/B on
+  # the GPU left quiet; the GPU tests run beside the sweep
+  n=${2:?sweep N}
+  case "${3:-}" in
+  quant|eval) chain="bench/device_session.sh levers /tmp/art_sweep${n}_base/final_model.pt $3" ;;
+  stepab) chain="bench/device_session.sh stepab" ;;
+  "") chain=":" ;;
+  *) echo "sweep N [quant|eval|stepab]: not $3" >&2; exit 2 ;;
+  esac
   detached sweep "{" python bench/proxy.py --iterations "$n" --prefix "sweep$n" --out /tmp/proxy --common \
     TRAIN_LOG_EVERY=50 MUON_MOMENTUM_WARMUP_FRAC=0.24 \
     --variant base: --variant noloop:NUM_LOOPS=0,ITERATIONS=$(( (n * 12172 + 5000) / 10000 )) ";" \
@@ -82,5 +88,5 @@ levers)  # eval/quantization levers on one set of weights: quantization ones (fa
 wait)  # wait [S]: at most S seconds (default 570), to end a call inside the session's device time
   job=$(cat /tmp/job); wait_for "/tmp/$job.done" "${2:-570}"
   tail -25 "/tmp/$job.out" ;;
-*) echo "usage: $0 check|stepab|proxy|sweep N [quant|eval]|r300|levers [CHECKPOINT [quant|eval]]|wait [S]" >&2; exit 2 ;;
+*) echo "usage: $0 check|stepab|proxy|sweep N [quant|eval|stepab]|r300|levers [CHECKPOINT [quant|eval]]|wait [S]" >&2; exit 2 ;;
 esac
