@@ -57,6 +57,21 @@ def parity_check(device, backend: str):
     assert diff < 0.05, diff
 
 
+def synthetic_step(h, d, gen: torch.Generator) -> list:
+    """One step's micro-batches of random tokens with a BOS at each position with probability 1/300
+    (geometric document lengths, mean 300): the recipe of every synthetic-token number in
+    bench/RESULTS.md. The benchmark keeps its own generator so that a change to the trainer's
+    warmup tokens (train_gpt.synthetic_batches: fixed 300-token documents since 6411254) does not
+    change what it measures; attention's work depends on the document lengths."""
+    out = []
+    for _ in range(d.grad_accum):
+        row = torch.randint(4, h.vocab_size, (h.slot_tokens + 1,), generator=gen)
+        row[torch.rand(row.numel(), generator=gen) < 1 / 300] = 1
+        row = row.to(d.device)
+        out.append((row[None, :-1], row[None, 1:]))
+    return out
+
+
 def bench(batch_tokens: int, steps: int, d, backend: str):
     fields = {f.name.upper() for f in dataclasses.fields(tg.Hyperparameters)}
     env = {k: v for k, v in os.environ.items() if k in fields}  # the levers under test
@@ -73,7 +88,7 @@ def bench(batch_tokens: int, steps: int, d, backend: str):
     data = os.environ.get("BENCH_DATA")  # real documents: attention work depends on doc lengths
     if data:
         loader = tg.TrainLoader(tg.token_shards(data, "train"), h.slot_tokens, d)
-    next_batch = loader.next_step if data else (lambda: tg.synthetic_batches(h, d, 1, gen))
+    next_batch = loader.next_step if data else (lambda: synthetic_step(h, d, gen))
     for looping in (False, True):
         model.looping = looping
         batches = [next_batch() for _ in range(steps)]
