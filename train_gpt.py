@@ -83,7 +83,7 @@ class Hyperparameters:
     # schedule
     iterations: int = 20000  # upper bound; the wall clock stops the record run first
     max_wallclock_seconds: float = 600.0  # 0 = no cap, schedule by ITERATIONS instead
-    gptq_reserve_seconds: float = 6.0  # Hessians must fit in the cap: seconds on 8 GPUs, x 8/WORLD_SIZE
+    gptq_reserve_seconds: float = 6.0  # cap kept for the Hessians: s on 8 GPUs at 16 calibration batches (training_cap)
     warmup_steps: int = 20  # compile warmup steps per graph variant, untimed, state restored
     warmdown_frac: float = 0.85  # last fraction of training decays the LR linearly...
     min_lr: float = 0.1  # ...to this fraction of the base LR
@@ -2800,12 +2800,18 @@ def rewarm(steps_since: int, h: Hyperparameters) -> float:
     return min(1.0, (steps_since + 1) / max(h.seq_change_warmup_steps, 1))
 
 
+def training_cap(h: Hyperparameters, world: int) -> float:
+    """Seconds the training clock may run: the cap less the Hessians' reserve, since they read
+    training data (spec 9.5). Each rank collects them on 8 / world of the calibration slots (29.9 s
+    for 16 batches on one H100), so GPTQ_RESERVE_SECONDS scales by 8 / world and by batches / 16."""
+    return h.max_wallclock_seconds - h.gptq_reserve_seconds * 8 / world * h.gptq_calibration_batches / 16
+
+
 def train(model: GPT, h: Hyperparameters, d: Dist, spec: DataSpec, val: ValData, log, timer: Timer) -> dict:
     loader, opt = TrainLoader(spec.train_files, h.slot_tokens, d), Optimizers(model, d, h)
     ema = EMA(model, h.ema_decay, h.ema_warmup)
     timer.restart()  # the training clock
-    # each rank collects Hessians on 8/world of the calibration slots (29.9 s on one H100)
-    cap_s = h.max_wallclock_seconds - h.gptq_reserve_seconds * 8 / d.world_size
+    cap_s = training_cap(h, d.world_size)
     step, loop_at, loop_s, elapsed, span_at = 0, None, 0.0, 0.0, -h.seq_change_warmup_steps
     while True:
         frac = elapsed / cap_s if h.max_wallclock_seconds > 0 else step / h.iterations

@@ -229,3 +229,12 @@ def test_smoke_artifact_describes_itself(smoke_dir, tmp_path):
 
     res = run_script(smoke_dir, tmp_path, "wrong_gate", EVAL_ONLY=artifact, ATTN_GATE="sparse")
     assert res.returncode != 0 and "ATTN_GATE=sparse" in res.stderr and "ATTN_GATE=out" in res.stderr
+
+
+def test_training_cap_keeps_the_hessians_inside_the_budget():
+    """The Hessians read training data, so their reserve comes off the training clock: 6 s on 8
+    GPUs at 16 calibration batches, x 8 / world size, x batches / 16 (the field's 32 batches)."""
+    h = tg.load_config({})
+    assert tg.training_cap(h, 8) == 594.0 and tg.training_cap(h, 1) == 552.0
+    assert tg.training_cap(tg.load_config({"GPTQ_CALIBRATION_BATCHES": "32"}), 8) == 588.0
+    assert tg.training_cap(tg.load_config({"GPTQ_RESERVE_SECONDS": "0"}), 1) == 600.0
