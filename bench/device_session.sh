@@ -5,7 +5,7 @@
 # .old/ (`mkdir -p .old && git archive REV train_gpt.py bench | tar -x -C .old`).
 #
 #   bench/device_session.sh check     # GPU tests, then bench_step old vs new (same call)   ~5 min
-#   bench/device_session.sh stepab    # bench_step old vs new only (nothing else on the GPU)  ~4 min
+#   bench/device_session.sh stepab    # bench_step old vs new, bench shards; new at the proxy batch ~5 min
 #   bench/device_session.sh proxy     # proxy lever runs (200 steps, 4 at once), then `levers` ~12 min
 #   bench/device_session.sh sweep N [quant|eval|stepab]  # loop vs no loop at N proxy steps, then ...
 #   bench/device_session.sh r300      # tokenize, start the 300 s run (TTT off), wait        ~9 min
@@ -38,6 +38,9 @@ step_ab() {  # the bench shards, not synthetic tokens: each version's generator 
     (cd $code && BENCH_DATA=$DATA_PATH BENCH_BATCHES=786432 BENCH_STEPS=8 python bench/bench_step.py) 2>&1 |
       grep -v '^$' | tail -4
   done | tee "$OUT/bench_ab.txt"
+  echo "== bench_step . at the proxy batch (its loop on / off ratio sets the no-loop arm's steps)"
+  BENCH_DATA=$DATA_PATH BENCH_BATCHES=262144 BENCH_STEPS=8 python bench/bench_step.py 2>&1 | tail -1 |
+    tee -a "$OUT/bench_ab.txt"
 }
 
 case "${1:-}" in
