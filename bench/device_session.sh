@@ -32,15 +32,14 @@ collect() {  # one tarball: a call brings back only a few files
 }
 trap collect EXIT
 gpu_tests() { python -m pytest -q tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"; }
-step_ab() {  # the bench shards, not synthetic tokens: each version's generator draws other documents
-  for code in .old .; do  # same machine, same call: old code, then new
-    echo "== bench_step $code"
-    (cd $code && BENCH_DATA=$DATA_PATH BENCH_BATCHES=786432 BENCH_STEPS=8 python bench/bench_step.py) 2>&1 |
-      grep -v '^$' | tail -4
-  done | tee "$OUT/bench_ab.txt"
-  echo "== bench_step . at the proxy batch (its loop on / off ratio sets the no-loop arm's steps)"
-  BENCH_DATA=$DATA_PATH BENCH_BATCHES=262144 BENCH_STEPS=8 python bench/bench_step.py 2>&1 | tail -1 |
-    tee -a "$OUT/bench_ab.txt"
+bench_step() {  # bench_step CODE_DIR BATCH: on the bench shards, the same tokens for every version
+  echo "== bench_step $1 at $2 tokens"
+  (cd "$1" && BENCH_DATA=$DATA_PATH BENCH_BATCHES=$2 BENCH_STEPS=8 python bench/bench_step.py) 2>&1 |
+    grep -v '^$' | tail -4
+}
+step_ab() {  # same machine, same call: old code, then new; then new at the proxy batch (its loop
+  # on / off ratio sets the no-loop arm's steps)
+  { bench_step .old 786432; bench_step . 786432; bench_step . 262144; } | tee "$OUT/bench_ab.txt"
 }
 
 case "${1:-}" in
