@@ -6,7 +6,8 @@
 #
 #   bench/device_session.sh check     # GPU tests, then bench_step old vs new (same call)   ~5 min
 #   bench/device_session.sh stepab    # bench_step old vs new, bench shards; new at the proxy batch ~5 min
-#   bench/device_session.sh proxy     # proxy lever runs (200 steps, 4 at once), then `levers` ~12 min
+#   bench/device_session.sh proxy N [quant|eval|stepab]  # base, seed 1, no attention gate, no SmearGate
+#                                     # at N proxy steps (4 runs on the GPU), then ...  500 steps ~18 min
 #   bench/device_session.sh sweep N [quant|eval|stepab]  # loop vs no loop at N proxy steps, then ...
 #   bench/device_session.sh r300      # tokenize, start the 300 s run (TTT off), wait        ~9 min
 #   bench/device_session.sh levers [CK [quant|eval]]  # paired lever A/Bs on a checkpoint, detached
@@ -37,6 +38,14 @@ bench_step() {  # bench_step CODE_DIR BATCH: on the bench shards, the same token
   (cd "$1" && BENCH_DATA=$DATA_PATH BENCH_BATCHES=$2 BENCH_STEPS=8 python bench/bench_step.py) 2>&1 |
     grep -v '^$' | tail -4
 }
+chain_after() {  # chain_after PREFIX [quant|eval|stepab]: the job to run after proxy.py's runs
+  case "${2:-}" in  # the levers read the base run's checkpoint, where proxy.py's ARTIFACT_DIR puts it
+  quant|eval) echo "bench/device_session.sh levers /tmp/art_$1_base/final_model.pt $2" ;;
+  stepab) echo "bench/device_session.sh stepab" ;;
+  "") echo ":" ;;
+  *) echo "then quant|eval|stepab, not $2" >&2; return 2 ;;
+  esac
+}
 step_ab() {  # same machine, same call: old code, then new; then new at the proxy batch (its loop
   # on / off ratio sets the no-loop arm's steps)
   { bench_step .old 786432; bench_step . 786432; bench_step . 262144; } | tee "$OUT/bench_ab.txt"
@@ -45,15 +54,14 @@ step_ab() {  # same machine, same call: old code, then new; then new at the prox
 case "${1:-}" in
 check) gpu_tests; step_ab ;;
 stepab) step_ab ;;
-proxy)  # issue 14's lever ranking (two base seeds for the noise), then the eval levers on the base's weights
-  common="MAX_WALLCLOCK_SECONDS=0 ITERATIONS=200 TTT_ENABLED=0 TRAIN_BATCH_TOKENS=262144 TRAIN_LOG_EVERY=1"
-  common="$common MUON_MOMENTUM_WARMUP_FRAC=0.24"
-  # noloop: 243 steps = the base's GPU time (35 % loop off, then 465.6 / 349.0 ms per step at 262,144,
-  # the ratio measured on an H100, bench/RESULTS.md; not re-measured on the H200)
-  detached proxy "{" python bench/proxy.py --iterations 200 --out /tmp/proxy --common $common \
+proxy)  # proxy N [quant|eval|stepab]: issue 14's lever ranking at N proxy steps (two base seeds
+  # for the noise; the depth loop has its own stage, sweep), then what the third argument asks
+  n=${2:?proxy N}; chain=$(chain_after "proxy$n" "${3:-}") || exit 2
+  detached proxy "{" python bench/proxy.py --iterations "$n" --prefix "proxy$n" --out /tmp/proxy --common \
+    TRAIN_LOG_EVERY=50 MUON_MOMENTUM_WARMUP_FRAC=0.24 \
     --variant base: --variant seed1:SEED=1 --variant nogate:ATTN_GATE=none \
-    --variant noloop:NUM_LOOPS=0,ITERATIONS=243 ";" bench/device_session.sh levers /tmp/art_proxy_base/final_model.pt ";" "}"
-  wait_for /tmp/proxy.done $((560 - SECONDS)); tail -12 /tmp/proxy.out ;;
+    --variant nosmear:SMEAR_GATE_ENABLED=0 ";" "$chain" ";" "}"
+  wait_for /tmp/proxy.done $((560 - SECONDS)); tail -8 /tmp/proxy.out ;;
 r300)
   detached r300 env MAX_WALLCLOCK_SECONDS=300 GPTQ_RESERVE_SECONDS=0 TTT_ENABLED=0 TRAIN_LOG_EVERY=50 \
     SAVE_PREQUANT=1 bench/gpu_run.sh 1 r300
@@ -62,13 +70,7 @@ r300)
 sweep)  # sweep N [quant|eval|stepab]: where the depth loop starts to pay, base vs no loop at N steps
   # (the same GPU time each), then (if asked) those levers on the base's weights or the step A/B on
   # the GPU left quiet; the GPU tests run beside the sweep
-  n=${2:?sweep N}
-  case "${3:-}" in
-  quant|eval) chain="bench/device_session.sh levers /tmp/art_sweep${n}_base/final_model.pt $3" ;;
-  stepab) chain="bench/device_session.sh stepab" ;;
-  "") chain=":" ;;
-  *) echo "sweep N [quant|eval|stepab]: not $3" >&2; exit 2 ;;
-  esac
+  n=${2:?sweep N}; chain=$(chain_after "sweep$n" "${3:-}") || exit 2
   detached sweep "{" python bench/proxy.py --iterations "$n" --prefix "sweep$n" --out /tmp/proxy --common \
     TRAIN_LOG_EVERY=50 MUON_MOMENTUM_WARMUP_FRAC=0.24 \
     --variant base: --variant noloop:NUM_LOOPS=0,ITERATIONS=$(( (n * 12172 + 5000) / 10000 )) ";" \
@@ -90,5 +92,5 @@ levers)  # eval/quantization levers on one set of weights: quantization ones (fa
 wait)  # wait [S]: at most S seconds (default 570), to end a call inside the session's device time
   job=$(cat /tmp/job); wait_for "/tmp/$job.done" "${2:-570}"
   tail -25 "/tmp/$job.out" ;;
-*) echo "usage: $0 check|stepab|proxy|sweep N [quant|eval|stepab]|r300|levers [CHECKPOINT [quant|eval]]|wait [S]" >&2; exit 2 ;;
+*) echo "usage: $0 check|stepab|proxy N [quant|eval|stepab]|sweep N [quant|eval|stepab]|r300|levers [CHECKPOINT [quant|eval]]|wait [S]" >&2; exit 2 ;;
 esac

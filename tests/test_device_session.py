@@ -34,12 +34,14 @@ def test_proxy_and_sweep_env_names_are_declared():
         tg.load_config(env)  # raises for an undeclared or retired name
 
 
-def test_sweep_chains_levers_on_the_checkpoint_proxy_writes():
-    """sweep's levers read the base run's checkpoint: the path proxy.py gives ARTIFACT_DIR."""
-    body = stage("sweep").replace("${n}", "500").replace("$n", "500")  # as bash expands N=500
-    prefix = re.search(r'--prefix "([^"]+)"', body).group(1)
-    checkpoint = re.search(r"levers (\S+final_model\.pt)", body).group(1)
+def test_chained_levers_read_the_checkpoint_proxy_writes():
+    """proxy's and sweep's levers read the base run's checkpoint: the path proxy.py gives ARTIFACT_DIR."""
+    text = open(SCRIPT, encoding="utf-8").read()
+    checkpoint = re.search(r"levers (\S+final_model\.pt)", re.search(r"^chain_after\(\).*?^}", text, re.S | re.M).group(0)).group(1)
     proxy = open(os.path.join(REPO_ROOT, "bench", "proxy.py"), encoding="utf-8").read()
     assert 'run_id = f"{args.prefix}_{name}"' in proxy and '"ARTIFACT_DIR": f"/tmp/art_{run_id}"' in proxy
-    assert checkpoint == f"/tmp/art_{prefix}_base/final_model.pt"
-    assert "--variant base:" in body
+    assert checkpoint == "/tmp/art_$1_base/final_model.pt"  # $1: the prefix each stage passes
+    for name in ("proxy", "sweep"):
+        body = stage(name)
+        prefix = re.search(r'--prefix "([^"]+)"', body).group(1)
+        assert f'chain_after "{prefix}"' in body and "--variant base:" in body
