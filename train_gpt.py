@@ -6,7 +6,8 @@
   python train_gpt.py --help                               # every env var, default and meaning
 
 Configuration comes only from the env names declared in `Hyperparameters`; the defaults are the
-submitted configuration of the best record (CaseOps SP8192, 11L x 512, loop 3-5, LQER, phased TTT).
+submitted configuration of the best record (CaseOps SP8192, 11L x 512, loop 3-5, LQER, phased TTT),
+plus the later levers that measured better here (README, "Defaults past #1855").
 """
 
 import copy
@@ -141,7 +142,7 @@ class Hyperparameters:
     lqer_rank: int = 4  # rank of each LQER correction
     lqer_top_k: int = 3  # how many tensors (largest quantization error) get one
     lqer_asym_group: int = 64  # int4 group size of the LQER B factor
-    awq_lite_groups: int = 0  # AWQ-lite (PR #1908: 1): this many most salient column groups kept int8
+    awq_lite_groups: int = 1  # AWQ-lite (PR #1908): this many most salient column groups kept int8; 0 = off
     awq_lite_group_size: int = 64  # columns per AWQ-lite group
     fit_to_cap: bool = True  # over the cap: raise MLP_CLIP_SIGMAS (logged, bounded) and requantize
     save_prequant: bool = False  # also write the EMA float weights + config, final_model.pt (tools/ab.py)

@@ -432,7 +432,7 @@ def test_awq_lite_ranks_looped_layers_by_their_per_call_input():
     assert awq_groups(sd, hess, config(num_loops=0, **loop)) == {"blocks.4.mlp.fc.weight": [64]}
 
 
-def test_awq_lite_is_off_by_default_and_round_trips_the_container():
+def test_awq_lite_off_keeps_no_groups_and_on_round_trips_the_container():
     sd = toy_state_dict()
     hess = toy_hessians(sd)
     off = quantize_state_dict(sd, hess, config(), log=lambda *a: None)
