@@ -8,6 +8,7 @@
 #   bench/device_session.sh stepab    # bench_step old vs new, bench shards; new at the proxy batch ~5 min
 #   bench/device_session.sh proxy N [quant|eval|stepab]  # base, seed 1, no attention gate, no SmearGate
 #                                     # at N proxy steps (4 runs on the GPU), then ...  500 steps ~18 min
+#   bench/device_session.sh base N [quant|eval|stepab]   # the base alone at N proxy steps, then ...
 #   bench/device_session.sh sweep N [quant|eval|stepab]  # loop vs no loop at N proxy steps, then ...
 #   bench/device_session.sh r300      # tokenize, start the 300 s run (TTT off), wait        ~9 min
 #   bench/device_session.sh levers [CK [quant|eval]]  # paired lever A/Bs on a checkpoint, detached
@@ -62,6 +63,11 @@ proxy)  # proxy N [quant|eval|stepab]: issue 14's lever ranking at N proxy steps
     --variant base: --variant seed1:SEED=1 --variant nogate:ATTN_GATE=none \
     --variant nosmear:SMEAR_GATE_ENABLED=0 ";" "$chain" ";" "}"
   wait_for /tmp/proxy.done $((560 - SECONDS)); tail -8 /tmp/proxy.out ;;
+base)  # base N [quant|eval|stepab]: the base alone at N proxy steps, a checkpoint for the levers
+  n=${2:?base N}; chain=$(chain_after "base$n" "${3:-}") || exit 2
+  detached base "{" python bench/proxy.py --iterations "$n" --prefix "base$n" --out /tmp/proxy --common \
+    TRAIN_LOG_EVERY=50 MUON_MOMENTUM_WARMUP_FRAC=0.24 --variant base: ";" "$chain" ";" "}"
+  wait_for /tmp/base.done $((560 - SECONDS)); tail -5 /tmp/base.out ;;
 r300)
   detached r300 env MAX_WALLCLOCK_SECONDS=300 GPTQ_RESERVE_SECONDS=0 TTT_ENABLED=0 TRAIN_LOG_EVERY=50 \
     SAVE_PREQUANT=1 bench/gpu_run.sh 1 r300
@@ -93,5 +99,5 @@ levers)  # eval/quantization levers on one set of weights: quantization ones (fa
 wait)  # wait [S]: at most S seconds (default 570), to end a call inside the session's device time
   job=$(cat /tmp/job); wait_for "/tmp/$job.done" "${2:-570}"
   tail -25 "/tmp/$job.out" ;;
-*) echo "usage: $0 check|stepab|proxy N [quant|eval|stepab]|sweep N [quant|eval|stepab]|r300|levers [CHECKPOINT [quant|eval]]|wait [S]" >&2; exit 2 ;;
+*) echo "usage: $0 check|stepab|proxy N [quant|eval|stepab]|base N [...]|sweep N [quant|eval|stepab]|r300|levers [CHECKPOINT [quant|eval]]|wait [S]" >&2; exit 2 ;;
 esac

@@ -25,12 +25,12 @@ def test_lever_variants_are_eval_side_names():
     assert len(specs) >= 8 and len(set(names)) == len(names)
 
 
-def test_proxy_and_sweep_env_names_are_declared():
-    for name in ("proxy", "sweep"):
+def test_proxy_base_and_sweep_env_names_are_declared():
+    for name in ("proxy", "base", "sweep"):
         body = stage(name).replace("$(( (n * 13081 + 5000) / 10000 ))", "654")
         pairs = re.findall(r"\b([A-Z][A-Z0-9_]+)=([^\s,\"]+)", body)
         env = {k: v for k, v in pairs if not v.startswith("$")}
-        assert len(env) >= 4
+        assert len(env) >= 2
         tg.load_config(env)  # raises for an undeclared or retired name
 
 
@@ -41,7 +41,7 @@ def test_chained_levers_read_the_checkpoint_proxy_writes():
     proxy = open(os.path.join(REPO_ROOT, "bench", "proxy.py"), encoding="utf-8").read()
     assert 'run_id = f"{args.prefix}_{name}"' in proxy and '"ARTIFACT_DIR": f"/tmp/art_{run_id}"' in proxy
     assert checkpoint == "/tmp/art_$1_base/final_model.pt"  # $1: the prefix each stage passes
-    for name in ("proxy", "sweep"):
+    for name in ("proxy", "base", "sweep"):
         body = stage(name)
         prefix = re.search(r'--prefix "([^"]+)"', body).group(1)
         assert f'chain_after "{prefix}"' in body and "--variant base:" in body
