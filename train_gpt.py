@@ -110,7 +110,6 @@ class Hyperparameters:
     num_loops: int = 2  # extra passes over the looped layers; 0 = no loop
     enable_looping_at: float = 0.35  # training fraction that switches the loop on
     parallel_start_layer: int = 8  # physical layers >= this run as two parallel lanes
-    parallel_lane1_skip: bool = False  # lane 1 starts after the U-Net skip merge; record: before it
     gate_window: int = 12  # input channels seen by the smear and sparse/out attention gates
     smear_gate_enabled: bool = True  # SmearGate: add a gated share of the previous token's embedding
     attn_gate: str = "sparse"  # sparse | out | dense | none (one attention output gate)
@@ -247,7 +246,6 @@ NOT_HASHED = ("seed", "run_id", "data_path", "tokenizer_path", "artifact_dir", "
 # quantization, paths, logging, machine choices (ATTN_BACKEND: same math).
 ARCH_FIELDS = (
     "asym_logit_rescale", "mlp_leaky_slope",
-    "parallel_lane1_skip",
     "vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
     "loop_start", "loop_end", "num_loops", "parallel_start_layer", "gate_window", "smear_gate_enabled",
     "attn_gate", "sparse_attn_gate_scale",
@@ -334,6 +332,8 @@ RENAMED = {name: use for use, names in (
     ("nothing: RoPE positions are never rescaled", "ROPE_TRAIN_SEQ_LEN ROPE_YARN"),
     ("nothing: TRAIN_SEQ_SCHEDULE follows the training fraction, as the LR", "TRAIN_SEQ_SCHEDULE_MODE"),
     ("nothing: the final norm reads the mean of the two lanes", "PARALLEL_FINAL_LANE"),
+    ("nothing: lane 1 starts before the first U-Net skip merge, as the record (no bench showed ours "
+     "better)", "PARALLEL_LANE1_SKIP"),
     ("nothing: the fused CE runs whenever gradients are taken on a GPU", "FUSED_CE_ENABLED"),
     ("nothing: the sparse gate starts at 0, the dense one at std 0.005",
      "SPARSE_ATTN_GATE_INIT_STD GATED_ATTN_INIT_STD"),
@@ -1402,14 +1402,11 @@ class GPT(nn.Module):
         n_enc, skips, x, lane1 = len(order) // 2, [], x0, None
         for i, layer in enumerate(order):
             block = self.blocks[layer]
-            first_parallel = block.parallel and lane1 is None
-            if first_parallel and not self.h.parallel_lane1_skip:
+            if block.parallel and lane1 is None:
                 lane1 = x  # both lanes start from x; the skip below goes to lane 0 only (PR #1529)
             if n_enc <= i < 2 * n_enc:  # U-Net: decoder position j merges encoder output -j-1
                 j = i - n_enc
                 x = self.skip_merge(x, skips.pop(), self.skip_gates[j], self.skip_weights[j])
-            if first_parallel and lane1 is None:
-                lane1 = x
             x, lane1 = block(x, lane1, x0, seg, cos, sin, self.backend,
                              None if lora is None else lora["layers"][i])
             if i < n_enc:

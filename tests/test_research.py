@@ -86,11 +86,11 @@ def test_first_timed_step_starts_from_a_fresh_state(smoke_dir, tmp_path, monkeyp
     assert same_state(seen["batches"], first)
 
 
-def lane_model(lane1_skip: bool):
+def lane_model():
     """4 layers, no loop, layer 3 parallel; every block is the identity (zero output projections)
     except the MLP of layer 3; skip gates, weights and lane scalars set by hand."""
     h = tg.load_config({"SMOKE": "1", "VOCAB_SIZE": "128", "NUM_LAYERS": "4", "NUM_LOOPS": "0",
-                        "PARALLEL_START_LAYER": "3", "PARALLEL_LANE1_SKIP": str(int(lane1_skip))})
+                        "PARALLEL_START_LAYER": "3"})
     torch.manual_seed(0)
     model = tg.GPT(h, 1, "sdpa")
     b = model.blocks[3]
@@ -106,12 +106,11 @@ def lane_model(lane1_skip: bool):
     return model
 
 
-@pytest.mark.parametrize("lane1_skip", [False, True])
-def test_lane1_at_the_first_parallel_layer(lane1_skip):
+def test_lane1_at_the_first_parallel_layer():
     """Record (spec 3.2, 9 item 20): both lanes start from the x entering the first parallel
-    layer and the U-Net skip is merged into lane 0 only. PARALLEL_LANE1_SKIP=1: lane 1 starts
-    from the merged x. The explicit formula of the whole tiny network, checked for both."""
-    model = lane_model(lane1_skip)
+    layer and the U-Net skip is merged into lane 0 only. The explicit formula of the whole tiny
+    network."""
+    model = lane_model()
     idx = torch.randint(2, 128, (1, 32), generator=torch.Generator().manual_seed(0))
     idx[0, 0] = 1
     b = model.blocks[3]
@@ -120,15 +119,15 @@ def test_lane1_at_the_first_parallel_layer(lane1_skip):
         g, w = torch.sigmoid(model.skip_gates), model.skip_weights
         x2 = g[0] * x0 + (1 - g[0]) * w[0] * x0  # position 2 merges the output of position 1 (x0)
         lane0 = g[1] * x2 + (1 - g[1]) * w[1] * x0  # position 3 merges the output of position 0
-        lane1 = lane0 if lane1_skip else x2
-        n = tg.rms_norm(lane1) * 0.5  # ln_scale 1/sqrt(3+1)
-        m = b.mlp_scale * (F.leaky_relu(n @ b.mlp.fc.weight.T, 0.5).square() @ b.mlp.proj.weight.T)
         r, p = b.lane_resid, b.lane_post  # attention outputs 0 (zero projection)
-        want = tg.rms_norm(0.5 * ((r[0] * lane0 + p[1, 0] * m) + (r[1] * lane1 + p[1, 1] * m)))
+
+        def network(lane1):
+            n = tg.rms_norm(lane1) * 0.5  # ln_scale 1/sqrt(3+1)
+            m = b.mlp_scale * (F.leaky_relu(n @ b.mlp.fc.weight.T, 0.5).square() @ b.mlp.proj.weight.T)
+            return tg.rms_norm(0.5 * ((r[0] * lane0 + p[1, 0] * m) + (r[1] * lane1 + p[1, 1] * m)))
         got = model.hidden(idx)
-        other = lane_model(not lane1_skip).hidden(idx)
-    assert torch.allclose(got, want, atol=1e-5)
-    assert not torch.allclose(other, want, atol=1e-3)
+    assert torch.allclose(got, network(x2), atol=1e-5)
+    assert not torch.allclose(got, network(lane0), atol=1e-3)  # lane 1 from the merged x: our old model
 
 
 def test_raw_eval_is_logged_and_changes_nothing(smoke_dir, tmp_path, monkeypatch):
