@@ -267,6 +267,8 @@ def test_metric_bpb_converts_with_our_bytes_per_token(tmp_path, capsys):
     s = json.loads(capsys.readouterr().out)
     # ref bpb = loss / (4 ln2) (as written by logutil), re-expressed at our 4 bytes/token.
     assert s["ref_mean"] == pytest.approx(2.82)
+    assert seeds.main(["stats", *ours, "--against", *ref, "--metric", "bpb"]) == 0
+    assert "mean val_bpb x nats/bpb 2.820000" in capsys.readouterr().out  # nats, not labelled bpb
 
 
 def test_config_hash_ignores_per_seed_env():

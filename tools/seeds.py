@@ -232,7 +232,8 @@ def print_report(s):
           f"nats/token = bpb * {fmt(s['nats_per_bpb'], '{:.5f}')} (ln2 * bytes/token)")
     if "welch" not in s:
         return
-    print(f"reference: n={s['ref_n']}  mean {s['metric']} {fmt(s['ref_mean'], '{:.6f}')}  "
+    unit = "val_loss" if s["metric"] == "val_loss" else "val_bpb x nats/bpb"  # compared in nats
+    print(f"reference: n={s['ref_n']}  mean {unit} {fmt(s['ref_mean'], '{:.6f}')}  "
           f"improvement {fmt(s['improvement_nats'], '{:.6f}')} nats")
     for label, test in (("Welch, ours < ref", s["welch"]),
                         (f"one-sample, improvement > {s['bar_nats']} nats", s["bar"])):
