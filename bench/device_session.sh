@@ -8,6 +8,7 @@
 #   bench/device_session.sh stepab    # bench_step old vs new, bench shards; new at the proxy batch ~5 min
 #   bench/device_session.sh proxy N [quant|eval|stepab]  # base, seed 1, no attention gate, no SmearGate
 #                                     # at N proxy steps (4 runs on the GPU), then ...  500 steps ~18 min
+#   bench/device_session.sh smear     # 3 more 500-step runs: SmearGate on/off over 3 seeds    ~16 min
 #   bench/device_session.sh base N [quant|eval|stepab]   # the base alone at N proxy steps, then ...
 #   bench/device_session.sh sweep N [quant|eval|stepab]  # loop vs no loop at N proxy steps, then ...
 #   bench/device_session.sh r300      # tokenize, start the 300 s run (TTT off), wait        ~9 min
@@ -63,6 +64,15 @@ proxy)  # proxy N [quant|eval|stepab]: issue 14's lever ranking at N proxy steps
     --variant base: --variant seed1:SEED=1 --variant nogate:ATTN_GATE=none \
     --variant nosmear:SMEAR_GATE_ENABLED=0 ";" "$chain" ";" "}"
   wait_for /tmp/proxy.done $((560 - SECONDS)); tail -8 /tmp/proxy.out ;;
+smear)  # smear 500: SmearGate's place by seeds. Seed 42 of both arms and the base's seed 1 are in
+  # bench/logs/proxy500_*.txt (9ca0086, AWQ-lite off then): these add the base's seed 2 and SmearGate
+  # off at seeds 1 and 2, AWQ-lite off as there, for three seeds per arm (`tools/seeds.py stats
+  # --metric bpb --allow-mixed config_hash source_sha256`: the training math is 9ca0086's, the
+  # retired PARALLEL_LANE1_SKIP field moves the hash)
+  detached smear python bench/proxy.py --iterations 500 --prefix smear500 --out /tmp/proxy --common \
+    TRAIN_LOG_EVERY=50 MUON_MOMENTUM_WARMUP_FRAC=0.24 AWQ_LITE_GROUPS=0 --variant base_s2:SEED=2 \
+    --variant nosmear_s1:SMEAR_GATE_ENABLED=0,SEED=1 --variant nosmear_s2:SMEAR_GATE_ENABLED=0,SEED=2
+  wait_for /tmp/smear.done $((560 - SECONDS)); tail -6 /tmp/smear.out ;;
 base)  # base N [quant|eval|stepab]: the base alone at N proxy steps, a checkpoint for the levers
   n=${2:?base N}; chain=$(chain_after "base$n" "${3:-}") || exit 2
   detached base "{" python bench/proxy.py --iterations "$n" --prefix "base$n" --out /tmp/proxy --common \
@@ -99,5 +109,5 @@ levers)  # eval/quantization levers on one set of weights: quantization ones (fa
 wait)  # wait [S]: at most S seconds (default 570), to end a call inside the session's device time
   job=$(cat /tmp/job); wait_for "/tmp/$job.done" "${2:-570}"
   tail -25 "/tmp/$job.out" ;;
-*) echo "usage: $0 check|stepab|proxy N [quant|eval|stepab]|base N [...]|sweep N [quant|eval|stepab]|r300|levers [CHECKPOINT [quant|eval]]|wait [S]" >&2; exit 2 ;;
+*) echo "usage: $0 check|stepab|proxy N [quant|eval|stepab]|smear|base N [...]|sweep N [quant|eval|stepab]|r300|levers [CHECKPOINT [quant|eval]]|wait [S]" >&2; exit 2 ;;
 esac

@@ -26,7 +26,7 @@ def test_lever_variants_are_eval_side_names():
 
 
 def test_proxy_base_and_sweep_env_names_are_declared():
-    for name in ("proxy", "base", "sweep"):
+    for name in ("proxy", "smear", "base", "sweep"):
         body = stage(name).replace("$(( (n * 13081 + 5000) / 10000 ))", "654")
         pairs = re.findall(r"\b([A-Z][A-Z0-9_]+)=([^\s,\"]+)", body)
         env = {k: v for k, v in pairs if not v.startswith("$")}
