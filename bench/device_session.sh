@@ -96,7 +96,7 @@ sweep)  # sweep N [quant|eval|stepab]: where the depth loop starts to pay, base 
   wait_for /tmp/sweep.done $((560 - SECONDS)); tail -5 /tmp/sweep.out ;;
 levers)  # eval/quantization levers on one set of weights: quantization ones (fast), then eval ones (TTT timed)
   quant="--variant base:TTT_ENABLED=0 --variant nolqer:TTT_ENABLED=0,LQER_ENABLED=0
-    --variant awq:TTT_ENABLED=0,AWQ_LITE_GROUPS=1 --variant sl2048:TTT_ENABLED=0,SLIDING_ENABLED=1
+    --variant noawq:TTT_ENABLED=0,AWQ_LITE_GROUPS=0 --variant sl2048:TTT_ENABLED=0,SLIDING_ENABLED=1
     --variant sl3072:TTT_ENABLED=0,SLIDING_ENABLED=1,EVAL_SEQ_LEN=3072"
   evals="--variant nottt:TTT_ENABLED=0 --variant ttt:TTT_ENABLED=1
     --variant noqv:TTT_ENABLED=1,TTT_LORA_TARGETS=k,o,mlp,head,TTT_LOCAL_LR_MULT=0.75
