@@ -7,7 +7,7 @@
 
 With --seeds every variant runs once per seed (NAME_sSEED) and a second table gives each
 variant's mean quantized val_bpb, its delta against the first variant's mean and the one-sided
-Welch p that it is lower (tools/seeds.py's test).
+p that it is lower, by Welch and paired by seed (tools/seeds.py's tests).
 
 Every variant is its own process of train_gpt.py (one GPU, no torchrun). The first starts alone;
 the others start once it logs its first training step, so they read its compiled graphs from the
@@ -31,7 +31,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
-from seeds import welch  # noqa: E402
+from seeds import paired, welch  # noqa: E402
 
 
 def parse_env(spec: str) -> dict:
@@ -64,21 +64,23 @@ def wait_first_step(log: str, proc: subprocess.Popen, poll: float = 2.0):
 
 
 def seed_table(rows: list, variants: list, seeds: list, key: str = "val_bpb_diagnostic") -> str:
-    """Per variant over its seeds: n, mean, delta vs the first variant's mean, Welch p (lower)."""
+    """Per variant over its seeds: n, mean, delta vs the first variant's mean, and the one-sided p
+    that it is lower: Welch, and paired by seed (same seed, same init: often far less noisy)."""
     by = {n: r.get(key) for n, _, r in rows}
-    vals = {v: [by[f"{v}_s{s}"] for s in seeds if by.get(f"{v}_s{s}") is not None] for v in variants}
+    vals = {v: {s: by[f"{v}_s{s}"] for s in seeds if by.get(f"{v}_s{s}") is not None} for v in variants}
     base = vals[variants[0]]
-    lines = [f"{'variant':>12} {'n':>2} {'mean':>9} {'sd':>8} {'delta':>9} {'p(lower)':>9}"]
+    lines = [f"{'variant':>12} {'n':>2} {'mean':>9} {'sd':>8} {'delta':>9} {'p(Welch)':>9} {'p(paired)':>9}"]
     for v in variants:
-        xs = vals[v]
+        xs = list(vals[v].values())
         if not xs:
             lines.append(f"{v:>12}  0 (no finished run)")
             continue
         mean, sd = statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else float("nan")
-        test = welch(xs, base) if v != variants[0] and base else None
-        delta = f"{mean - statistics.fmean(base):+.5f}" if base else "-"
-        lines.append(f"{v:>12} {len(xs):>2} {mean:>9.5f} {sd:>8.5f} {delta:>9} "
-                     f"{test['p'] if test else float('nan'):>9.3f}")
+        first = v == variants[0] or not base
+        tests = [None, None] if first else [welch(xs, list(base.values())), paired(vals[v], base)]
+        delta = f"{mean - statistics.fmean(base.values()):+.5f}" if base else "-"
+        lines.append(f"{v:>12} {len(xs):>2} {mean:>9.5f} {sd:>8.5f} {delta:>9} " + " ".join(
+            f"{t['p'] if t else float('nan'):>9.3f}" for t in tests))
     return "\n".join(lines)
 
 

@@ -35,11 +35,14 @@ def test_wait_first_step_returns_when_the_run_dies(tmp_path):
     assert p.returncode == 3
 
 
-def test_seed_table_means_deltas_and_welch():
+def test_seed_table_means_deltas_welch_and_paired():
     rows = [(f"{v}_s{s}", 0, {"val_bpb_diagnostic": x}) for v, xs in
-            (("base", (1.600, 1.602, 1.604)), ("lever", (1.590, 1.591, 1.592))) for s, x in zip((1, 2, 3), xs)]
-    table = proxy.seed_table(rows + [("late_s1", 1, {})], ["base", "lever", "late"], [1, 2, 3]).splitlines()
-    base, lever, late = table[1].split(), table[2].split(), table[3]
+            (("base", (1.600, 1.602, 1.604)), ("lever", (1.590, 1.591, 1.592)),
+             ("small", (1.5990, 1.6011, 1.6029))) for s, x in zip((1, 2, 3), xs)]
+    table = proxy.seed_table(rows + [("late_s1", 1, {})], ["base", "lever", "small", "late"],
+                             [1, 2, 3]).splitlines()
+    base, lever, small, late = table[1].split(), table[2].split(), table[3].split(), table[4]
     assert base[1:3] == ["3", "1.60200"] and lever[2] == "1.59100" and lever[4] == "-0.01100"
-    assert float(lever[5]) < 0.01  # ten standard errors lower
+    assert float(lever[5]) < 0.01 and float(lever[6]) < 0.01  # ten standard errors lower
+    assert float(small[5]) > 0.2 and float(small[6]) < 0.01  # -0.001 at every seed: only pairing sees it
     assert "no finished run" in late

@@ -76,7 +76,7 @@ def test_stats_missing_keys_print_dash(tmp_path, capsys):
     assert " - " in capsys.readouterr().out
 
 
-def test_stats_against_reports_both_tests(tmp_path, capsys):
+def test_stats_against_reports_all_three_tests(tmp_path, capsys):
     ours = make_logs(tmp_path, [2.80, 2.81, 2.82])
     ref = make_logs(tmp_path, [2.90, 2.92, 2.94], prefix="ref", config_hash="old")
     assert seeds.main(["stats", *ours, "--against", *ref, "--json"]) == 0
@@ -85,8 +85,8 @@ def test_stats_against_reports_both_tests(tmp_path, capsys):
     assert s["welch"]["p"] < 0.01 and s["bar"]["p"] < 0.01
     assert seeds.main(["stats", *ours, "--against", *ref]) == 0
     out = capsys.readouterr().out
-    assert "Welch, ours < ref" in out and "improvement > 0.005 nats" in out
-    assert out.count("p<0.01: yes") == 2
+    assert "Welch, ours < ref" in out and "improvement > 0.005 nats" in out and "paired by seed" in out
+    assert out.count("p<0.01: yes") == 3
 
 
 def test_stats_bar_not_met(tmp_path, capsys):
@@ -307,3 +307,29 @@ def test_readme_record_recipe_runs_from_the_repo_root(capsys):
     assert seeds.main(run[2:] + ["--dry-run"]) == 0
     launches = capsys.readouterr().out.strip().splitlines()
     assert len(launches) >= 3 and all(ln.endswith(f"--nproc_per_node=8 {packed}") for ln in launches)
+
+
+def test_paired_by_seed_sees_a_small_lever_under_a_large_seed_spread(tmp_path, capsys):
+    """Seeds 42, 0, 1234 spread by 0.03; the lever gains ~0.001 at every seed: Welch cannot see
+    it, the paired test can."""
+    ours = make_logs(tmp_path, [2.8000, 2.8300, 2.8600])
+    ref = make_logs(tmp_path, [2.8010, 2.8312, 2.8609], prefix="ref")
+    assert seeds.main(["stats", *ours, "--against", *ref, "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["welch"]["p"] > 0.4
+    assert s["paired"]["n"] == 3 and s["paired"]["mean_diff"] == pytest.approx(0.001033, abs=1e-6)
+    assert s["paired"]["p"] < 0.01
+    assert seeds.main(["stats", *ours, "--against", *ref]) == 0
+    assert "paired by seed, ours < ref (3 seeds, improvement 0.001033 nats" in capsys.readouterr().out
+
+
+def test_paired_uses_common_seeds_once_each():
+    assert seeds.paired({42: 1.0, 0: 2.0, 7: 3.0}, {42: 1.5, 0: 2.4})["n"] == 2
+    assert seeds.paired({42: 1.0}, {42: 1.5, 0: 2.4}) is None  # one common seed: no spread
+
+
+def test_paired_is_off_when_a_side_repeats_a_seed(tmp_path, capsys):
+    ours = make_logs(tmp_path, [2.80, 2.81])
+    twice = [write_log(tmp_path / f"r{i}.txt", final(42, v)) for i, v in enumerate([2.82, 2.83])]
+    assert seeds.main(["stats", *ours, "--against", *twice, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["paired"] is None

@@ -9,8 +9,9 @@ config_hash, world_size or source_sha256 differ unless `--allow-mixed KEY` names
 mixed runs are then NON-RECORD). A NON-RECORD banner is printed unless there are at least 3
 distinct seeds and every run is record-eligible: its own `record_eligible` verdict, re-checked
 from its numbers (RECORD_LIMITS, world size 8, legality "compliant", mode "train"). Tests are
-one-sided: Welch (our mean val_loss < reference mean) and a one-sample test that the improvement
-exceeds --bar-nats (reference mean taken as fixed), with Student-t tails from scipy.stats.
+one-sided: Welch (our mean val_loss < reference mean), a one-sample test that the improvement
+exceeds --bar-nats (reference mean taken as fixed), and a paired t-test over the seeds both sides
+ran (same seed, same init), with Student-t tails from scipy.stats.
 """
 import argparse
 import json
@@ -67,6 +68,20 @@ def bar_test(ours, ref_mean, bar):
         return None
     se = statistics.stdev(ours) / math.sqrt(len(ours))
     return _one_sided(ref_mean - statistics.fmean(ours) - bar, se, len(ours) - 1)
+
+
+def paired(ours, ref):
+    """One-sided paired t-test over the seeds both sides ran (dicts seed -> value): mean(ref - ours)
+    > 0. A seed fixes the init (the data order never depends on it), so a training lever's
+    difference at equal seeds can be far less noisy than the spread between seeds. None with
+    fewer than 2 common seeds."""
+    common = sorted(set(ours) & set(ref))
+    if len(common) < 2:
+        return None
+    diffs = [ref[k] - ours[k] for k in common]
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return {**_one_sided(statistics.fmean(diffs), se, len(diffs) - 1), "n": len(common),
+            "mean_diff": statistics.fmean(diffs), "sd_diff": statistics.stdev(diffs)}
 
 
 # ---- logs ----
@@ -196,10 +211,15 @@ def summarize(runs, refs=None, bar=0.005, metric="val_loss"):
                 return column(rs, "val_loss")
             return [v * nats_per_bpb for v in column(rs, "val_bpb")] if nats_per_bpb else []
         ours, ref = values(runs), values(refs)
+
+        def by_seed(rs, vs):  # None when a side ran a seed twice (the pairing would be ambiguous)
+            keyed = {r.get("seed"): v for r, v in zip(rs, vs)}
+            return keyed if len(keyed) == len(vs) and None not in keyed else {}
         out["ref_n"], out["ref_mean"] = len(ref), statistics.fmean(ref) if ref else None
         out["ref_bytes_per_token"] = bytes_per_token(refs)
         out["improvement_nats"] = out["ref_mean"] - statistics.fmean(ours) if ref and ours else None
         out["welch"] = welch(ours, ref)
+        out["paired"] = paired(by_seed(runs, ours), by_seed(refs, ref))
         out["bar_nats"] = bar
         out["bar"] = bar_test(ours, out["ref_mean"], bar) if ref else None
     return out
@@ -235,10 +255,15 @@ def print_report(s):
     unit = "val_loss" if s["metric"] == "val_loss" else "val_bpb x nats/bpb"  # compared in nats
     print(f"reference: n={s['ref_n']}  mean {unit} {fmt(s['ref_mean'], '{:.6f}')}  "
           f"improvement {fmt(s['improvement_nats'], '{:.6f}')} nats")
-    for label, test in (("Welch, ours < ref", s["welch"]),
-                        (f"one-sample, improvement > {s['bar_nats']} nats", s["bar"])):
+    pair = s["paired"]
+    tests = (("Welch, ours < ref", s["welch"], "needs >= 2 runs on each side"),
+             (f"one-sample, improvement > {s['bar_nats']} nats", s["bar"], "needs >= 2 runs on each side"),
+             ("paired by seed, ours < ref" + (f" ({pair['n']} seeds, improvement {pair['mean_diff']:.6f}"
+                                              f" nats, sd {pair['sd_diff']:.6f})" if pair else ""),
+              pair, "needs >= 2 seeds that each side ran once"))
+    for label, test, missing in tests:
         if test is None:
-            print(f"{label}: needs >= 2 runs on each side")
+            print(f"{label}: {missing}")
             continue
         verdict = "yes" if test["p"] < 0.01 else "no"
         print(f"{label}: t={test['t']:.3f} df={test['df']:.2f} p={test['p']:.4g}  p<0.01: {verdict}")
