@@ -25,7 +25,7 @@ def test_lever_variants_are_eval_side_names():
     assert len(specs) >= 8 and len(set(names)) == len(names)
 
 
-def test_proxy_base_and_sweep_env_names_are_declared():
+def test_proxy_stage_env_names_are_declared():
     for name in ("proxy", "smear", "base", "sweep"):
         body = stage(name).replace("$(( (n * 13081 + 5000) / 10000 ))", "654")
         pairs = re.findall(r"\b([A-Z][A-Z0-9_]+)=([^\s,\"]+)", body)
@@ -35,7 +35,8 @@ def test_proxy_base_and_sweep_env_names_are_declared():
 
 
 def test_chained_levers_read_the_checkpoint_proxy_writes():
-    """proxy's and sweep's levers read the base run's checkpoint: the path proxy.py gives ARTIFACT_DIR."""
+    """The levers chained after proxy, base and sweep read the base run's checkpoint: the path proxy.py
+    gives ARTIFACT_DIR."""
     text = open(SCRIPT, encoding="utf-8").read()
     checkpoint = re.search(r"levers (\S+final_model\.pt)", re.search(r"^chain_after\(\).*?^}", text, re.S | re.M).group(0)).group(1)
     proxy = open(os.path.join(REPO_ROOT, "bench", "proxy.py"), encoding="utf-8").read()

@@ -84,6 +84,13 @@ def paired(ours, ref):
             "mean_diff": statistics.fmean(diffs), "sd_diff": statistics.stdev(diffs)}
 
 
+def by_seed(runs, values) -> dict:
+    """{seed: value} for `paired`; empty when a run has no seed or a seed ran twice (the pairing
+    would be ambiguous)."""
+    keyed = {r.get("seed"): v for r, v in zip(runs, values)}
+    return keyed if len(keyed) == len(values) and None not in keyed else {}
+
+
 # ---- logs ----
 
 def read_final(path):
@@ -211,10 +218,6 @@ def summarize(runs, refs=None, bar=0.005, metric="val_loss"):
                 return column(rs, "val_loss")
             return [v * nats_per_bpb for v in column(rs, "val_bpb")] if nats_per_bpb else []
         ours, ref = values(runs), values(refs)
-
-        def by_seed(rs, vs):  # None when a side ran a seed twice (the pairing would be ambiguous)
-            keyed = {r.get("seed"): v for r, v in zip(rs, vs)}
-            return keyed if len(keyed) == len(vs) and None not in keyed else {}
         out["ref_n"], out["ref_mean"] = len(ref), statistics.fmean(ref) if ref else None
         out["ref_bytes_per_token"] = bytes_per_token(refs)
         out["improvement_nats"] = out["ref_mean"] - statistics.fmean(ours) if ref and ours else None
