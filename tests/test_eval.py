@@ -486,3 +486,21 @@ def test_gloo_ranks_match_one(world, tmp_path):
         assert r["C3"] and r["C4"] and r["mine"] < one["tokens"]
     assert sum(r["mine"] > 0 for r in ranks) >= 2  # the work was shared
     assert sum(r["mine"] for r in ranks) == one["tokens"]
+
+
+def test_bench_tilt_hints_counts_what_the_plain_reference_counts(smoke_dir):
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "tilt_hints.py")
+    spec = importlib.util.spec_from_file_location("tilt_hints", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    tok = os.path.join(smoke_dir, "smoke_caseops_1024.model")
+    env = {"DATA_PATH": smoke_dir, "TOKENIZER_PATH": tok, "VOCAB_SIZE": "1024"}
+    lines = mod.main(env)
+    h = tg.load_config(env)
+    val = tg.load_val_data(tg.load_data_spec(h), h)
+    toks = val.tokens.numpy()
+    starts, ends = tg.find_docs(val.tokens, val.bos_id)
+    want = reference_hints(toks, starts, ends, 8, 0.8)  # the second setting of the script
+    hits = int(((want >= 0) & (want == toks[1:])).sum())
+    assert len(lines) == 4 and f"hinted {int((want >= 0).sum())} of {val.num_targets} targets, hits {hits} " in lines[1]
