@@ -863,6 +863,115 @@ class TrainLoader:
         return [(row[None, :-1], row[None, 1:]) for row in batch]
 
 
+# The score: sums of fp32 token NLLs (nats) and of target bytes, accumulated in float64 and
+# all-reduced; BPB = nll / (ln 2 * bytes). Every target of the val stream is scored exactly once
+# and the count is checked (the ledger below).
+
+
+@dataclass
+class Score:
+    nll: float
+    bytes: int
+    tokens: int
+
+    @property
+    def loss(self) -> float:
+        return self.nll / max(self.tokens, 1)
+
+    @property
+    def bpb(self) -> float:
+        return self.nll / (math.log(2) * max(self.bytes, 1))
+
+
+def reduce_score(nll: torch.Tensor, nbytes: torch.Tensor, ntok: torch.Tensor) -> Score:
+    t = all_reduce(torch.stack([nll.double(), nbytes.double(), ntok.double()]))
+    return Score(t[0].item(), int(t[1].item()), int(t[2].item()))
+
+
+def find_docs(tokens: torch.Tensor, bos_id: int):
+    """Target ranges [start, end) of the documents. Doc k = tokens[BOS_k .. BOS_k+1]: its last
+    target is the next BOS and the last doc runs to the stream end (a span before the first BOS
+    is a doc too), so the documents' targets tile the stream exactly once."""
+    n = tokens.numel() - 1
+    starts = torch.nonzero(tokens[:n].cpu() == bos_id).flatten().numpy()
+    if starts.size == 0 or starts[0] != 0:
+        starts = np.concatenate([[0], starts])
+    return starts, np.append(starts[1:], n)
+
+
+# Legality ledger. Conditions of Issue #1017: C1 causal, C2 normalized, C3 score before update,
+# C4 each target scored once. C1 and C2 are properties of the code, tested by tools/legality.py;
+# C3 and C4 are checked at run time, on every eval, from this ledger.
+
+
+class ScoreLedger:
+    """Every scored target and every optimizer step that consumed val tokens.
+
+    An event is (kind, clock, rows [n, 3] of (doc, start, end)). A "score" row: targets
+    [start, end) were scored (doc -1 for sliding windows). An "update" row: the state stepped had
+    consumed targets [doc start, end) of that doc (a TTT adapter holds its whole doc prefix).
+    Clocks are per rank and aligned (MAX) at every phase pause, so C3 holds across ranks."""
+
+    def __init__(self, num_targets: int, device):
+        self.n, self.device, self.clock, self.events = num_targets, device, 0, []
+
+    def record(self, kind: str, rows):
+        self.clock += 1
+        self.events.append((kind, self.clock, np.asarray(rows, np.int64).reshape(-1, 3)))
+
+    def sync(self):
+        t = torch.tensor([self.clock], device=self.device)
+        self.clock = int(all_reduce(t, dist.ReduceOp.MAX).item())
+
+    def table(self, kind: str):
+        ev = [(c, r) for k, c, r in self.events if k == kind] or [(0, np.zeros((0, 3), np.int64))]
+        rows = torch.from_numpy(np.concatenate([r for _, r in ev])).to(self.device)
+        clocks = torch.from_numpy(np.repeat([c for c, _ in ev], [len(r) for _, r in ev]))
+        return rows, clocks.long().to(self.device)
+
+
+def expand_rows(rows: torch.Tensor, clocks: torch.Tensor):
+    """Target index and clock of every target covered by rows (doc, start, end)."""
+    lens = (rows[:, 2] - rows[:, 1]).clamp_min(0)
+    offset = torch.repeat_interleave(rows[:, 1] - (lens.cumsum(0) - lens), lens)
+    idx = torch.arange(int(lens.sum()), device=rows.device) + offset
+    return idx, torch.repeat_interleave(clocks, lens)
+
+
+NEVER = 2**40  # the clock of a target that was never scored
+
+
+def score_clocks(led: ScoreLedger):
+    """Per target, over all ranks: how often it was scored, and the clock of its first score."""
+    idx, clk = expand_rows(*led.table("score"))
+    count = all_reduce(torch.bincount(idx, minlength=led.n))
+    first = torch.full((led.n,), NEVER, dtype=torch.long, device=led.device)
+    first = first.scatter_reduce(0, idx, clk, "amin")
+    return count, all_reduce(first, dist.ReduceOp.MIN)
+
+
+def check_ledger(led: ScoreLedger, starts: np.ndarray) -> dict:
+    """C4: every target scored exactly once. C3: every update row's doc prefix [start, end) was
+    fully scored at an earlier clock (the latest score in a prefix is a cummax within the doc)."""
+    count, first = score_clocks(led)
+    doc = torch.zeros(led.n, dtype=torch.long, device=led.device)
+    doc[torch.from_numpy(starts).to(led.device)] = 1
+    doc = doc.cumsum(0) - 1
+    latest = (doc * (NEVER + 1) + first).cummax(0).values - doc * (NEVER + 1)
+    rows, clocks = led.table("update")
+    late = (latest[rows[:, 2] - 1] >= clocks).sum() if rows.numel() else torch.zeros((), device=led.device)
+    late = int(all_reduce(late.reshape(1).long()).item())
+    return dict(C3=late == 0, C4=bool((count == 1).all()), scored=int(count.sum()), late_updates=late)
+
+
+def account(led: ScoreLedger, tbytes, nll, idx, scored, rows) -> torch.Tensor:
+    """Record scored targets in the ledger; return their (nll, bytes, count) sums."""
+    nll = nll.detach()
+    led.record("score", rows)
+    m = scored.double()
+    return torch.stack([(nll.double() * m).sum(), (tbytes[idx].double() * m).sum(), m.sum()])
+
+
 # ------------------------------------------------------------------------------------------------
 # Model
 # 11 blocks x 512, GQA 8/4, partial RoPE, per-head QK gain, XSA, LeakyReLU(0.5)^2 MLP, tied
@@ -2160,45 +2269,13 @@ def artifact_accounting(path: str, h: Hyperparameters, log) -> dict:
 
 # ------------------------------------------------------------------------------------------------
 # Evaluation
-# Scores are sums of fp32 token NLLs (nats) and of target bytes, accumulated in float64 and
-# all-reduced; BPB = nll / (ln 2 * bytes). Every target of the val stream is scored exactly once
-# and the count is logged.
+# The scoring passes over the val stream (diagnostic windows, sliding windows, phased LoRA
+# TTT), each through evaluate(): its timer phase and its C3/C4 ledger.
 # ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Score:
-    nll: float
-    bytes: int
-    tokens: int
-
-    @property
-    def loss(self) -> float:
-        return self.nll / max(self.tokens, 1)
-
-    @property
-    def bpb(self) -> float:
-        return self.nll / (math.log(2) * max(self.bytes, 1))
-
-
-def reduce_score(nll: torch.Tensor, nbytes: torch.Tensor, ntok: torch.Tensor) -> Score:
-    t = all_reduce(torch.stack([nll.double(), nbytes.double(), ntok.double()]))
-    return Score(t[0].item(), int(t[1].item()), int(t[2].item()))
 
 
 def on_device(val: ValData, device) -> ValData:
     return ValData(val.tokens.to(device), val.target_bytes.to(device), val.bos_id)
-
-
-def find_docs(tokens: torch.Tensor, bos_id: int):
-    """Target ranges [start, end) of the documents. Doc k = tokens[BOS_k .. BOS_k+1]: its last
-    target is the next BOS and the last doc runs to the stream end (a span before the first BOS
-    is a doc too), so the documents' targets tile the stream exactly once."""
-    n = tokens.numel() - 1
-    starts = torch.nonzero(tokens[:n].cpu() == bos_id).flatten().numpy()
-    if starts.size == 0 or starts[0] != 0:
-        starts = np.concatenate([[0], starts])
-    return starts, np.append(starts[1:], n)
 
 
 def to_device(a: np.ndarray, device) -> torch.Tensor:
@@ -2219,79 +2296,6 @@ def window_rows(tokens, ws, we, ss, rows: int, length: int):
     idx = torch.where(valid, idx, torch.zeros_like(idx))
     x, y = torch.where(valid, tokens[idx], 0), torch.where(valid, tokens[idx + 1], 0)
     return x, y, idx, valid & (idx >= ss[:, None])
-
-
-# Legality ledger. Conditions of Issue #1017: C1 causal, C2 normalized, C3 score before update,
-# C4 each target scored once. C1 and C2 are properties of the code, tested by tools/legality.py;
-# C3 and C4 are checked at run time, on every eval, from this ledger.
-
-
-class ScoreLedger:
-    """Every scored target and every optimizer step that consumed val tokens.
-
-    An event is (kind, clock, rows [n, 3] of (doc, start, end)). A "score" row: targets
-    [start, end) were scored (doc -1 for sliding windows). An "update" row: the state stepped had
-    consumed targets [doc start, end) of that doc (a TTT adapter holds its whole doc prefix).
-    Clocks are per rank and aligned (MAX) at every phase pause, so C3 holds across ranks."""
-
-    def __init__(self, num_targets: int, device):
-        self.n, self.device, self.clock, self.events = num_targets, device, 0, []
-
-    def record(self, kind: str, rows):
-        self.clock += 1
-        self.events.append((kind, self.clock, np.asarray(rows, np.int64).reshape(-1, 3)))
-
-    def sync(self):
-        t = torch.tensor([self.clock], device=self.device)
-        self.clock = int(all_reduce(t, dist.ReduceOp.MAX).item())
-
-    def table(self, kind: str):
-        ev = [(c, r) for k, c, r in self.events if k == kind] or [(0, np.zeros((0, 3), np.int64))]
-        rows = torch.from_numpy(np.concatenate([r for _, r in ev])).to(self.device)
-        clocks = torch.from_numpy(np.repeat([c for c, _ in ev], [len(r) for _, r in ev]))
-        return rows, clocks.long().to(self.device)
-
-
-def expand_rows(rows: torch.Tensor, clocks: torch.Tensor):
-    """Target index and clock of every target covered by rows (doc, start, end)."""
-    lens = (rows[:, 2] - rows[:, 1]).clamp_min(0)
-    offset = torch.repeat_interleave(rows[:, 1] - (lens.cumsum(0) - lens), lens)
-    idx = torch.arange(int(lens.sum()), device=rows.device) + offset
-    return idx, torch.repeat_interleave(clocks, lens)
-
-
-NEVER = 2**40  # the clock of a target that was never scored
-
-
-def score_clocks(led: ScoreLedger):
-    """Per target, over all ranks: how often it was scored, and the clock of its first score."""
-    idx, clk = expand_rows(*led.table("score"))
-    count = all_reduce(torch.bincount(idx, minlength=led.n))
-    first = torch.full((led.n,), NEVER, dtype=torch.long, device=led.device)
-    first = first.scatter_reduce(0, idx, clk, "amin")
-    return count, all_reduce(first, dist.ReduceOp.MIN)
-
-
-def check_ledger(led: ScoreLedger, starts: np.ndarray) -> dict:
-    """C4: every target scored exactly once. C3: every update row's doc prefix [start, end) was
-    fully scored at an earlier clock (the latest score in a prefix is a cummax within the doc)."""
-    count, first = score_clocks(led)
-    doc = torch.zeros(led.n, dtype=torch.long, device=led.device)
-    doc[torch.from_numpy(starts).to(led.device)] = 1
-    doc = doc.cumsum(0) - 1
-    latest = (doc * (NEVER + 1) + first).cummax(0).values - doc * (NEVER + 1)
-    rows, clocks = led.table("update")
-    late = (latest[rows[:, 2] - 1] >= clocks).sum() if rows.numel() else torch.zeros((), device=led.device)
-    late = int(all_reduce(late.reshape(1).long()).item())
-    return dict(C3=late == 0, C4=bool((count == 1).all()), scored=int(count.sum()), late_updates=late)
-
-
-def account(led: ScoreLedger, tbytes, nll, idx, scored, rows) -> torch.Tensor:
-    """Record scored targets in the ledger; return their (nll, bytes, count) sums."""
-    nll = nll.detach()
-    led.record("score", rows)
-    m = scored.double()
-    return torch.stack([(nll.double() * m).sum(), (tbytes[idx].double() * m).sum(), m.sum()])
 
 
 # Token-only online n-gram tilt (PR #2140/#2135; the channel accepted in the #1967 review): one
