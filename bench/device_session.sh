@@ -13,6 +13,16 @@
 #   bench/device_session.sh sweep N [quant|eval|stepab]  # loop vs no loop at N proxy steps, then ...
 #   bench/device_session.sh r300      # tokenize, start the 300 s run (TTT off), wait        ~9 min
 #   bench/device_session.sh levers [CK [quant|eval]]  # paired lever A/Bs on a checkpoint, detached
+#   bench/device_session.sh levers .art/base500_base.ptz eval  # eval levers on an artifact an earlier
+#                                     # session brought back (every call returns /tmp/art_*_base's
+#                                     # final_model.ptz as $OUT/PREFIX_base.ptz): no training. Carry it in
+#                                     # .art/ with the slim val pack .bench_eval/ as BENCH_DIR (the full
+#                                     # pack and an artifact pass the 64 MiB carry): val docs, the CaseOps
+#                                     # tokenizer and 2,000 train docs (the val shards come out identical):
+#     mkdir -p .bench_eval/tokenizers && cp ../shared/bench/docs_val.jsonl.xz .bench_eval/ &&
+#     cp ../shared/bench/tokenizers/*caseops*.model .bench_eval/tokenizers/ &&
+#     xz -dc ../shared/bench/docs_train.jsonl.xz | head -2000 | xz > .bench_eval/docs_train.jsonl.xz
+#     (device) BENCH_DIR=.bench_eval bench/device_session.sh levers .art/base500_base.ptz eval
 #   bench/device_session.sh wait [S]  # wait (at most S s) for the running job, print its tail
 # Every stage ends by packing the logs, job outputs and JSON it finds into $OUT/collected.tgz.
 set -uo pipefail
@@ -30,8 +40,11 @@ detached() {  # detached NAME CMD...: run CMD in its own session, /tmp/NAME.out,
   echo "$1" > /tmp/job
 }
 
-collect() {  # one tarball: a call brings back only a few files
-  tar czf "$OUT/collected.tgz" --ignore-failed-read /tmp/*.out /tmp/*.json /tmp/proxy logs .old/logs 2>/dev/null; true
+collect() {  # one tarball (a call brings back only a few files), and the base runs' artifacts
+  tar czf "$OUT/collected.tgz" --ignore-failed-read /tmp/*.out /tmp/*.json /tmp/proxy logs .old/logs 2>/dev/null
+  for f in /tmp/art_*_base/final_model.ptz; do
+    [ -f "$f" ] && d=${f%/final_model.ptz} && cp "$f" "$OUT/${d#/tmp/art_}.ptz"
+  done; true
 }
 trap collect EXIT
 gpu_tests() { python -m pytest -q tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"; }
@@ -103,8 +116,9 @@ levers)  # eval/quantization levers on one set of weights: quantization ones (fa
     --variant noqv:TTT_ENABLED=1,TTT_LORA_TARGETS=k,o,mlp,head,TTT_LOCAL_LR_MULT=0.75
     --variant nottt:TTT_ENABLED=0"  # still unmeasured first (no-Q/V and TTT off: RESULTS, 2026-12-03)
   case "${3:-all}" in quant) evals= ;; eval) quant= ;; esac
-  detached levers python tools/ab.py --checkpoint "${2:-/tmp/art_r300/final_model.pt}" $quant $evals \
-    --json /tmp/levers.json
+  ck=${2:-/tmp/art_r300/final_model.pt}; src=--checkpoint
+  case "$ck" in *.ptz) src=--artifact; quant= ;; esac  # an artifact: eval levers only
+  detached levers python tools/ab.py $src "$ck" $quant $evals --json /tmp/levers.json
   sleep 5; tail -3 /tmp/levers.out ;;
 wait)  # wait [S]: at most S seconds (default 570), to end a call inside the session's device time
   job=$(cat /tmp/job); wait_for "/tmp/$job.done" "${2:-570}"

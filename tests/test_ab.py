@@ -52,6 +52,32 @@ def test_ab_same_weights_delta(smoke_dir, tmp_path, monkeypatch):
                for r in rows.values())  # the scoring pass and the warmup are parts of the strict eval
 
 
+def test_ab_artifact_scores_the_saved_file_as_the_checkpoint_run_did(smoke_dir, tmp_path, monkeypatch):
+    """--artifact scores a written .ptz with the config it carries: the checkpoint run's base
+    artifact gives that run's val_bpb again; eval variants move it; quantization ones and an env
+    that disagrees with the stored model are refused before any work."""
+    path, real = checkpoint(smoke_dir, tmp_path), tg.load_val_data
+    monkeypatch.setattr(tg, "load_val_data", lambda spec, h: (lambda v: tg.ValData(
+        v.tokens[:4 * h.slot_tokens + 1], v.target_bytes[:4 * h.slot_tokens], v.bos_id))(real(spec, h)))
+    monkeypatch.setattr(tg, "eval_warmup", lambda *a: None)
+    for k, v in dict(TTT_ENABLED="0", SLIDING_ENABLED="0", GPTQ_CALIBRATION_BATCHES="1").items():
+        monkeypatch.setenv(k, v)
+    one, two = str(tmp_path / "ck.json"), str(tmp_path / "art.json")
+    assert ab.main(["--checkpoint", path, "--variant", "base:", "--code-bytes", "100000", "--json", one]) == 0
+    art = str(tmp_path / "ab_base.ptz")
+    monkeypatch.setenv("SMOKE", "1")  # a CPU run; the model and eval fields are the artifact's
+    monkeypatch.setenv("DATA_PATH", smoke_dir)  # paths are the machine's, not the artifact's
+    monkeypatch.setenv("TOKENIZER_PATH", os.path.join(smoke_dir, "smoke_caseops_1024.model"))
+    assert ab.main(["--artifact", art, "--variant", "base:", "--variant", "sl:SLIDING_ENABLED=1",
+                    "--json", two]) == 0
+    ck_rows, rows = json.load(open(one))["rows"], {r["variant"]: r for r in json.load(open(two))["rows"]}
+    assert rows["base"]["val_bpb"] == ck_rows[0]["val_bpb"] and rows["base"]["quantized_as"] == "artifact"
+    assert rows["sl"]["scored_by"] == "eval_sliding" and rows["sl"]["model_bytes"] == os.path.getsize(art)
+    assert ab.main(["--artifact", art, "--variant", "nolqer:LQER_ENABLED=0"]) == 2
+    monkeypatch.setenv("NUM_LAYERS", "3")
+    assert ab.main(["--artifact", art, "--variant", "base:"]) == 2
+
+
 def test_ab_variant_values_may_hold_commas():
     name, over = ab.parse_variant("noqv:TTT_LORA_TARGETS=k,o,mlp,head,"
                                   "TTT_CHUNK_SCHEDULE=256:8,2000:24,AWQ_LITE_GROUPS=1 NGRAM_BOOST=2.625")

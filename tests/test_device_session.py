@@ -46,3 +46,36 @@ def test_chained_levers_read_the_checkpoint_proxy_writes():
         body = stage(name)
         prefix = re.search(r'--prefix "([^"]+)"', body).group(1)
         assert f'chain_after "{prefix}"' in body and "--variant base:" in body
+
+
+def run_levers(tmp_path, *args) -> str:
+    """The levers stage's body with `detached` replaced by writing its command: the tools/ab.py call."""
+    cmd = tmp_path / "cmd"
+    script = (f'detached() {{ printf "%s" "${{*:2}}" > {cmd}; }}; sleep() {{ :; }}; tail() {{ :; }}; '
+              f'set -- levers {" ".join(args)}; {stage("levers").rstrip().removesuffix(";;")}')
+    subprocess.run(["bash", "-c", script], check=True, cwd=REPO_ROOT)
+    return cmd.read_text()
+
+
+def test_levers_score_an_artifact_with_eval_variants_only(tmp_path):
+    on_artifact = run_levers(tmp_path, ".art/base500_base.ptz", "eval")
+    assert "tools/ab.py --artifact .art/base500_base.ptz" in on_artifact and "--variant tilt:" in on_artifact
+    assert "nolqer" not in run_levers(tmp_path, ".art/x.ptz")  # no quantization variants on an artifact
+    on_checkpoint = run_levers(tmp_path, "/tmp/ck/final_model.pt")
+    assert "--checkpoint /tmp/ck/final_model.pt" in on_checkpoint and "--variant nolqer:" in on_checkpoint
+
+
+def test_collect_brings_back_the_base_runs_artifacts(tmp_path):
+    text = open(SCRIPT, encoding="utf-8").read()
+    collect = re.search(r"^collect\(\).*?^}", text, re.S | re.M).group(0)
+    art = f"/tmp/art_ptest{os.getpid()}_base"
+    os.makedirs(art, exist_ok=True)
+    try:
+        with open(f"{art}/final_model.ptz", "wb") as f:
+            f.write(b"blob")
+        subprocess.run(["bash", "-c", f"{collect}; collect"], check=True, cwd=tmp_path,
+                       env={**os.environ, "OUT": str(tmp_path)})
+        assert (tmp_path / f"ptest{os.getpid()}_base.ptz").read_bytes() == b"blob"
+    finally:
+        os.remove(f"{art}/final_model.ptz")
+        os.rmdir(art)

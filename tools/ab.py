@@ -24,6 +24,14 @@ prints the table (variant, val_bpb, delta vs the base, seconds of the scoring pa
 warmup and of the whole variant; Hessians are counted in the first variant that needs them, and
 on a GPU the warmup of the first variant, or of one with new shapes, compiles the eval graphs) and
 rewrites the JSON, so a job cut short keeps its rows.
+
+    python tools/ab.py --artifact final_model.ptz --variant ttt: --variant tilt:NGRAM_BOOST=2.625
+
+scores eval-only variants on a saved artifact instead (quantization variants need the float
+weights, --checkpoint): its configuration is read as EVAL_ONLY reads it, and no Hessians,
+GPTQ or training data are needed beyond what the data spec checks. A 16 MB artifact can come back
+from a device call and travel to the next one, so eval levers of later sessions are paired on the
+same model without training it again.
 """
 import argparse
 import dataclasses
@@ -122,16 +130,25 @@ def packed_code_bytes() -> int:
     return len(pack.pack_bytes(pack.read_source(tg.__file__), "train_gpt.py"))
 
 
-class Bench:
-    """Shared state of one A/B: data, weights, Hessians per calibration setting."""
+def artifact_config(path: str, environ) -> tg.Hyperparameters:
+    """--artifact: the configuration the artifact carries with the env's eval names on top,
+    exactly as an EVAL_ONLY run resolves it (a model name that disagrees is refused)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--artifact {path}: no such file")
+    return tg.eval_only_config(tg.load_config({**environ, "EVAL_ONLY": path}))[1]
 
-    def __init__(self, h: tg.Hyperparameters, ck: dict, code_bytes: int, workdir: str):
+
+class Bench:
+    """Shared state of one A/B: data, weights (or the artifact), Hessians per calibration setting."""
+
+    def __init__(self, h: tg.Hyperparameters, ck: dict, code_bytes: int, workdir: str, artifact: str = ""):
         self.spec, self.d = tg.load_data_spec(h), tg.init_distributed(h)
         self.val, self.backend = tg.load_val_data(self.spec, h), tg.pick_attention_backend(self.d.device, h.attn_backend)
-        self.sd = {k: v.float() for k, v in ck["state_dict"].items()}
+        self.sd = {k: v.float() for k, v in ck.get("state_dict", {}).items()}
         self.looping = ck.get("looping", h.num_loops > 0)  # older runs: a full run ends looping
         self.budget, self.workdir, self.hessians = tg.ARTIFACT_CAP - code_bytes, workdir, {}
         self.artifacts = {}  # quantization settings -> (variant that wrote it, model bytes, MLP sigma used)
+        self.artifact = artifact  # set: every variant scores this file
 
     def log(self, tag: str):
         return lambda msg="", console=True: print(f"[{tag}] {msg}", flush=True) if self.d.is_main else None
@@ -151,15 +168,17 @@ class Bench:
         torch.manual_seed(h.seed)
         np.random.seed(h.seed)
         qkey = tuple(getattr(h, n) for n in QUANT_SIDE)  # eval-only variants reuse the artifact
+        if self.artifact:
+            self.artifacts[qkey] = ("artifact", os.path.getsize(self.artifact), None)
         if qkey not in self.artifacts:
             blob, sigma = tg.quantize_fit(self.sd, self.hessians_for(h), h, self.budget, lambda *a, **k: None,
-                                          timer)
+                                          timer, tg.artifact_meta(h, self.spec.identity))  # as the trainer writes it
             if self.d.is_main:
                 with open(os.path.join(self.workdir, f"ab_{name}.ptz"), "wb") as f:
                     f.write(blob)
             self.artifacts[qkey] = (name, len(blob), sigma)
         quantized_as, model_bytes, sigma = self.artifacts[qkey]
-        path = os.path.join(self.workdir, f"ab_{quantized_as}.ptz")
+        path = self.artifact or os.path.join(self.workdir, f"ab_{quantized_as}.ptz")
         if dist.is_initialized():
             dist.barrier()
         timer.restart(h.eval_budget_seconds)  # the strict eval starts at the load, as in main()
@@ -189,7 +208,9 @@ def table(rows: list) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="final_model.pt written with SAVE_PREQUANT=1")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="final_model.pt written with SAVE_PREQUANT=1")
+    src.add_argument("--artifact", help="a saved final_model.ptz: eval-only variants, no requantization")
     ap.add_argument("--variant", action="append", default=[], help="NAME:KEY=VAL[,KEY=VAL...]; first = base")
     ap.add_argument("--json", default="ab.json", help="where the rows go (rank 0)")
     ap.add_argument("--code-bytes", type=int, default=None, help="code size for fitting to the cap "
@@ -199,21 +220,25 @@ def main(argv=None) -> int:
         variants = [parse_variant(v) for v in args.variant or ["base:"]]
         if len({n for n, _ in variants}) < len(variants):
             raise ValueError("variant names must be unique")
-        ck = load_checkpoint(args.checkpoint)
-        h = base_config(ck, os.environ)
+        quant = sorted({k.upper() for _, over in variants for k in over if k in QUANT_SIDE})
+        if args.artifact and quant:
+            raise ValueError(f"--artifact: {', '.join(quant)} changes the quantization, which needs the "
+                             "float weights (--checkpoint)")
+        ck = {} if args.artifact else load_checkpoint(args.checkpoint)
+        h = artifact_config(args.artifact, os.environ) if args.artifact else base_config(ck, os.environ)
         configs = [(n, dataclasses.replace(h, **over)) for n, over in variants]  # values checked here
     except ValueError as e:
         print(f"ab.py: {e}", file=sys.stderr)
         return 2
-    workdir = os.path.dirname(os.path.abspath(args.checkpoint))
-    bench = Bench(h, ck, args.code_bytes or packed_code_bytes(), workdir)
+    source = os.path.abspath(args.artifact or args.checkpoint)
+    bench = Bench(h, ck, args.code_bytes or packed_code_bytes(), os.path.dirname(source), args.artifact or "")
     rows = []
     for n, hv in configs:
         rows.append(bench.run(n, hv))
         if bench.d.is_main:
             print(table(rows), flush=True)
             with open(args.json, "w") as f:
-                json.dump(dict(checkpoint=os.path.abspath(args.checkpoint), config_hash=h.config_hash(),
+                json.dump(dict(checkpoint=source, config_hash=h.config_hash(),
                                variants={n: {k.upper(): v for k, v in o.items()} for n, o in variants},
                                rows=rows), f, indent=1)
     if dist.is_initialized():
