@@ -24,7 +24,8 @@
 #     xz -dc ../shared/bench/docs_train.jsonl.xz | head -2000 | xz > .bench_eval/docs_train.jsonl.xz
 #     (device) BENCH_DIR=.bench_eval bench/device_session.sh levers .art/base500_base.ptz eval
 #   bench/device_session.sh wait [S]  # wait (at most S s) for the running job, print its tail
-# Every stage ends by packing the logs, job outputs and JSON it finds into $OUT/collected.tgz.
+# Every stage ends by packing the logs, job outputs and JSON it finds into $OUT/collected.tgz and
+# copying the base runs' artifacts to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
