@@ -138,6 +138,10 @@ def artifact_config(path: str, environ) -> tg.Hyperparameters:
     return tg.eval_only_config(tg.load_config({**environ, "EVAL_ONLY": path}))[1]
 
 
+def quant_key(h: tg.Hyperparameters) -> tuple:
+    return tuple(getattr(h, n) for n in QUANT_SIDE)
+
+
 class Bench:
     """Shared state of one A/B: data, weights (or the artifact), Hessians per calibration setting."""
 
@@ -147,8 +151,9 @@ class Bench:
         self.sd = {k: v.float() for k, v in ck.get("state_dict", {}).items()}
         self.looping = ck.get("looping", h.num_loops > 0)  # older runs: a full run ends looping
         self.budget, self.workdir, self.hessians = tg.ARTIFACT_CAP - code_bytes, workdir, {}
-        self.artifacts = {}  # quantization settings -> (variant that wrote it, model bytes, MLP sigma used)
-        self.artifact = artifact  # set: every variant scores this file
+        # quantization settings -> (variant that wrote it, path, model bytes, MLP sigma used); a given
+        # artifact holds the base's settings, which no variant may change (main refuses them)
+        self.artifacts = {quant_key(h): ("artifact", artifact, os.path.getsize(artifact), None)} if artifact else {}
 
     def log(self, tag: str):
         return lambda msg="", console=True: print(f"[{tag}] {msg}", flush=True) if self.d.is_main else None
@@ -167,18 +172,16 @@ class Bench:
         t0, log, timer = time.perf_counter(), self.log(name), tg.Timer(self.d.device)
         torch.manual_seed(h.seed)
         np.random.seed(h.seed)
-        qkey = tuple(getattr(h, n) for n in QUANT_SIDE)  # eval-only variants reuse the artifact
-        if self.artifact:
-            self.artifacts[qkey] = ("artifact", os.path.getsize(self.artifact), None)
+        qkey = quant_key(h)  # eval-only variants reuse the artifact
         if qkey not in self.artifacts:
             blob, sigma = tg.quantize_fit(self.sd, self.hessians_for(h), h, self.budget, lambda *a, **k: None,
                                           timer, tg.artifact_meta(h, self.spec.identity))  # as the trainer writes it
+            path = os.path.join(self.workdir, f"ab_{name}.ptz")
             if self.d.is_main:
-                with open(os.path.join(self.workdir, f"ab_{name}.ptz"), "wb") as f:
+                with open(path, "wb") as f:
                     f.write(blob)
-            self.artifacts[qkey] = (name, len(blob), sigma)
-        quantized_as, model_bytes, sigma = self.artifacts[qkey]
-        path = self.artifact or os.path.join(self.workdir, f"ab_{quantized_as}.ptz")
+            self.artifacts[qkey] = (name, path, len(blob), sigma)
+        quantized_as, path, model_bytes, sigma = self.artifacts[qkey]
         if dist.is_initialized():
             dist.barrier()
         timer.restart(h.eval_budget_seconds)  # the strict eval starts at the load, as in main()
