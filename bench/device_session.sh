@@ -121,8 +121,12 @@ levers)  # eval/quantization levers on one set of weights: quantization ones (fa
   case "$ck" in *.ptz) src=--artifact; quant= ;; esac  # an artifact: eval levers only
   detached levers python tools/ab.py $src "$ck" $quant $evals --json /tmp/levers.json
   sleep 5; tail -3 /tmp/levers.out ;;
-wait)  # wait [S]: at most S seconds (default 570), to end a call inside the session's device time
-  job=$(cat /tmp/job); wait_for "/tmp/$job.done" "${2:-570}"
+wait)  # wait [S]: at most S seconds (default 570), to end a call inside the session's device time.
+  # No /tmp/job: the machine is a fresh one (the last went back before this poll); say so at once
+  # rather than spend S seconds of device time waiting for nothing
+  job=$(cat /tmp/job 2>/dev/null) || { echo "wait: no job on this machine (a fresh start: the" \
+    "previous machine and its job are gone; rerun the stage)" >&2; exit 3; }
+  wait_for "/tmp/$job.done" "${2:-570}"
   tail -25 "/tmp/$job.out" ;;
 *) echo "usage: $0 check|stepab|proxy N [quant|eval|stepab]|smear|base N [...]|sweep N [quant|eval|stepab]|r300|levers [CHECKPOINT [quant|eval]]|wait [S]" >&2; exit 2 ;;
 esac

@@ -79,3 +79,13 @@ def test_collect_brings_back_the_base_runs_artifacts(tmp_path):
     finally:
         os.remove(f"{art}/final_model.ptz")
         os.rmdir(art)
+
+
+def test_wait_on_a_fresh_machine_fails_at_once(tmp_path):
+    """A poll that lands on a fresh machine (the last one went back with its job) must not spend its
+    S seconds waiting for a job that is gone (it cost 590 s of device time once)."""
+    waited = tmp_path / "waited"
+    script = (f'cat() {{ return 1; }}; wait_for() {{ touch {waited}; }}; tail() {{ :; }}; '
+              f'set -- wait 570; {stage("wait").rstrip().removesuffix(";;")}')
+    r = subprocess.run(["bash", "-c", script], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert r.returncode == 3 and "fresh start" in r.stderr and not waited.exists()
