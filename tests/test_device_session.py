@@ -48,12 +48,17 @@ def test_chained_levers_read_the_checkpoint_proxy_writes():
         assert f'chain_after "{prefix}"' in body and "--variant base:" in body
 
 
+def run_stage(stubs: str, name: str, *args) -> subprocess.CompletedProcess:
+    """One stage's body run as `script.sh NAME ARGS...`, after the shell functions in `stubs`."""
+    script = f'{stubs}; set -- {name} {" ".join(args)}; {stage(name).rstrip().removesuffix(";;")}'
+    return subprocess.run(["bash", "-c", script], cwd=REPO_ROOT, capture_output=True, text=True)
+
+
 def run_levers(tmp_path, *args) -> str:
     """The levers stage's body with `detached` replaced by writing its command: the tools/ab.py call."""
     cmd = tmp_path / "cmd"
-    script = (f'detached() {{ printf "%s" "${{*:2}}" > {cmd}; }}; sleep() {{ :; }}; tail() {{ :; }}; '
-              f'set -- levers {" ".join(args)}; {stage("levers").rstrip().removesuffix(";;")}')
-    subprocess.run(["bash", "-c", script], check=True, cwd=REPO_ROOT)
+    run_stage(f'detached() {{ printf "%s" "${{*:2}}" > {cmd}; }}; sleep() {{ :; }}; tail() {{ :; }}',
+              "levers", *args).check_returncode()
     return cmd.read_text()
 
 
@@ -85,7 +90,5 @@ def test_wait_on_a_fresh_machine_fails_at_once(tmp_path):
     """A poll that lands on a fresh machine (the last one went back with its job) must not spend its
     S seconds waiting for a job that is gone (it cost 590 s of device time once)."""
     waited = tmp_path / "waited"
-    script = (f'cat() {{ return 1; }}; wait_for() {{ touch {waited}; }}; tail() {{ :; }}; '
-              f'set -- wait 570; {stage("wait").rstrip().removesuffix(";;")}')
-    r = subprocess.run(["bash", "-c", script], cwd=REPO_ROOT, capture_output=True, text=True)
+    r = run_stage(f'cat() {{ return 1; }}; wait_for() {{ touch {waited}; }}; tail() {{ :; }}', "wait", "570")
     assert r.returncode == 3 and "fresh start" in r.stderr and not waited.exists()
