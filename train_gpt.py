@@ -171,7 +171,7 @@ class Hyperparameters:
     global_ttt_batch_seqs: int = 32  # rows per micro-batch, all ranks together
     prequant_ttt_epochs: int = 0  # ILLEGAL (C3) research mode: AdamW on val before quantization
     prequant_ttt_lr: float = 5e-4  # its peak LR, cosine over epochs (PR #1738 default)
-    ngram_boost: float = 0.0  # token n-gram tilt of sliding/TTT scores (PR #2140: 2.625); 0 = off
+    ngram_boost: float = 2.625  # token n-gram tilt of sliding/TTT scores (PR #2140); 0 = off
     ngram_order: int = 16  # the tilt's context: the previous NGRAM_ORDER - 1 tokens of the document
     ngram_threshold: float = 0.8  # hint when the context's top next token has this share of its uses
     env_overrides: ClassVar[dict] = {}  # set by load_config: {ENV_NAME: raw} of the declared names set

@@ -291,11 +291,10 @@ def test_ngram_tilt_is_a_renormalized_logit_boost(cap):
     assert torch.equal(x.grad, ref.grad)  # TTT steps train on the model's own NLL
 
 
-def test_ngram_tilt_is_off_by_default_and_moves_scores_when_on():
-    assert tiny().ngram_boost == 0 and tg.load_config({}).ngram_boost == 0
+def test_ngram_tilt_moves_scores_and_boost_0_turns_it_off():
     val, tilt = legality.synthetic_val(), dict(NGRAM_BOOST=2.625, NGRAM_ORDER=2)
     scores = []
-    for over in ({}, tilt):
+    for over in (dict(NGRAM_BOOST=0), tilt):
         h = tiny(**over)
         led = tg.ScoreLedger(val.num_targets, CPU.device)
         scores.append(tg.ttt_eval(legality.random_model(h), val, h, CPU, led, quiet))

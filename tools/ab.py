@@ -25,7 +25,7 @@ warmup and of the whole variant; Hessians are counted in the first variant that 
 on a GPU the warmup of the first variant, or of one with new shapes, compiles the eval graphs) and
 rewrites the JSON, so a job cut short keeps its rows.
 
-    python tools/ab.py --artifact final_model.ptz --variant ttt: --variant tilt:NGRAM_BOOST=2.625
+    python tools/ab.py --artifact final_model.ptz --variant base: --variant notilt:NGRAM_BOOST=0
 
 scores eval-only variants on a saved artifact instead (quantization variants need the float
 weights, --checkpoint): its configuration is read as EVAL_ONLY reads it, and no Hessians,

@@ -60,7 +60,7 @@ TINY = dict(  # the SMOKE preset shrunk further; chunks, windows and phases all 
     TTT_EVAL_SEQ_LEN=32, TTT_CHUNK_SIZE=8, TTT_BATCH_SIZE=4, TTT_LORA_RANK=2,
     TTT_LORA_LR=0.05, PHASED_TTT_PREFIX_DOCS=8, PHASED_TTT_NUM_PHASES=2,
     GLOBAL_TTT_CHUNK_TOKENS=128, GLOBAL_TTT_BATCH_SEQS=4, GLOBAL_TTT_LR=0.05,
-    PREQUANT_TTT_EPOCHS=0, EVAL_BUDGET_SECONDS=1e9,
+    PREQUANT_TTT_EPOCHS=0, EVAL_BUDGET_SECONDS=1e9, NGRAM_BOOST=0,  # the tilt: TILT below
 )
 DOC_LENS = (90, 30, 60, 12, 80, 45, 20, 70, 8, 50, 85, 35)  # 3 batches of 4, 2 pauses
 VARIANTS = {"none": None, "leaky-smear": "C1", "score-after-update": "C3", "prequant-ttt": "C3",
