@@ -104,7 +104,6 @@ class Hyperparameters:
     rope_dims: int = 16  # rotated dims per head (partial RoPE)
     qk_gain_init: float = 5.0  # initial value of the learned per-head query gain
     mlp_leaky_slope: float = 0.5  # negative slope of the MLP's LeakyReLU^2 (PR #2140: 0.3)
-    asym_logit_rescale: bool = False  # AsymLogit: caps for logits > 0 and <= 0 from LOGIT_SOFTCAP (PR #1923)
     loop_start: int = 3  # layers loop_start..loop_end run num_loops+1 times once looping is on
     loop_end: int = 5  # last looped layer (inclusive)
     num_loops: int = 2  # extra passes over the looped layers; 0 = no loop
@@ -174,6 +173,7 @@ class Hyperparameters:
     ngram_boost: float = 2.625  # token n-gram tilt of sliding/TTT scores (PR #2140); 0 = off
     ngram_order: int = 16  # the tilt's context: the previous NGRAM_ORDER - 1 tokens of the document
     ngram_threshold: float = 0.8  # hint when the context's top next token has this share of its uses
+    asym_logit_rescale: bool = False  # AsymLogit (PR #1923): caps for logits > 0 and <= 0, learnt in global TTT
     env_overrides: ClassVar[dict] = {}  # set by load_config: {ENV_NAME: raw} of the declared names set
 
     def __post_init__(self):
@@ -245,8 +245,7 @@ NOT_HASHED = ("seed", "run_id", "data_path", "tokenizer_path", "artifact_dir", "
 # value is the default, an env var may override it (logged). RUN_FIELDS are not stored: training,
 # quantization, paths, logging, machine choices (ATTN_BACKEND: same math).
 ARCH_FIELDS = (
-    "asym_logit_rescale", "mlp_leaky_slope",
-    "vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
+    "mlp_leaky_slope", "vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
     "loop_start", "loop_end", "num_loops", "parallel_start_layer", "gate_window", "smear_gate_enabled",
     "attn_gate", "sparse_attn_gate_scale",
     "train_seq_len",  # attention segments are cut every TRAIN_SEQ_LEN tokens
@@ -261,6 +260,7 @@ EVAL_FIELDS = (
     "ttt_chunk_size", "ttt_eval_seq_len", "ttt_batch_size", "ttt_warm_start_a", "phased_ttt_prefix_docs",
     "phased_ttt_num_phases", "global_ttt_lr", "global_ttt_chunk_tokens", "global_ttt_batch_seqs",
     "ngram_boost", "ngram_order", "ngram_threshold",
+    "asym_logit_rescale",  # the caps stay at LOGIT_SOFTCAP in training, so any artifact can take it
 )
 RUN_FIELDS = (
     "train_seq_schedule", "seq_change_warmup_steps",
@@ -396,6 +396,22 @@ def parse_seq_schedule(spec: str, final: int) -> list:
     if plan[-1][1] != final:
         raise ValueError(f"TRAIN_SEQ_SCHEDULE={spec!r} must end with TRAIN_SEQ_LEN ({final}): set both")
     return plan
+
+
+def chunk_schedule(spec: str) -> list:
+    """TTT_CHUNK_SCHEDULE "256:8,2000:24" -> [(256, 8), (2000, 24)], by length."""
+    try:
+        pairs = (item.split(":") for item in spec.split(",") if item.strip())
+        return sorted((int(n), int(c)) for n, c in pairs)
+    except ValueError:
+        raise ValueError(f"TTT_CHUNK_SCHEDULE={spec!r}: use LEN:CHUNK pairs, e.g. 256:8,2000:24") from None
+
+
+LORA_TARGETS = ("q", "k", "v", "o", "mlp", "head")  # the TTT_LORA_TARGETS names
+
+
+def lora_targets(h) -> list:
+    return [t.strip() for t in h.ttt_lora_targets.split(",") if t.strip()]
 
 
 def parse_env_value(raw: str, typ, name: str):
@@ -548,9 +564,6 @@ class Timer:
     def left(self) -> float:
         """Seconds of the budget left once the `reserve` (work that cannot be cut) is done."""
         return self.budget - self.slowest(self.reserve)
-
-    def fits(self) -> bool:
-        return self.left() > 0
 
     @contextmanager
     def phase(self, name: str | None, pause: bool = False):
@@ -1089,9 +1102,9 @@ def pick_attention_backend(device: torch.device, choice: str = "auto", h=None) -
 SDPA_MAX_SCORE_BYTES = 2**30
 
 
-def sdpa_mask_shapes(h) -> dict:
-    """(rows, length) of each kind of attention call of a run; sdpa builds a boolean mask of
-    rows x length x length for each."""
+def sdpa_refusal(h) -> str | None:
+    """Why ATTN_BACKEND=sdpa cannot run this configuration on a GPU, or None if it can: sdpa builds
+    a boolean mask of rows x length x length for each kind of attention call (rows, length)."""
     shapes = {"training rows (TRAIN_BATCH_TOKENS / 8 tokens each)": (1, h.slot_tokens)}
     if h.ttt_enabled:
         shapes["TTT batches (TTT_BATCH_SIZE x TTT_EVAL_SEQ_LEN)"] = (h.ttt_batch_size, h.ttt_eval_seq_len)
@@ -1100,13 +1113,8 @@ def sdpa_mask_shapes(h) -> dict:
     if h.sliding_enabled:
         shapes["sliding windows (VAL_BATCH_TOKENS / 8 / EVAL_SEQ_LEN x EVAL_SEQ_LEN)"] = (
             max(1, h.val_batch_tokens // 8 // h.eval_seq_len), h.eval_seq_len)
-    return shapes
-
-
-def sdpa_refusal(h) -> str | None:
-    """Why ATTN_BACKEND=sdpa cannot run this configuration on a GPU, or None if it can."""
     cost = lambda rn: rn[0] * h.num_heads * rn[1] ** 2 * 4  # noqa: E731  (fp32 scores, one layer)
-    what, (rows, n) = max(sdpa_mask_shapes(h).items(), key=lambda kv: cost(kv[1]))
+    what, (rows, n) = max(shapes.items(), key=lambda kv: cost(kv[1]))
     if cost((rows, n)) <= SDPA_MAX_SCORE_BYTES:
         return None
     return (f"ATTN_BACKEND=sdpa would build a [{rows}, {n}, {n}] boolean mask ({rows * n * n / 1e9:.1f} GB) "
@@ -1930,13 +1938,6 @@ def awq_mask(cols: int, starts, group: int) -> torch.Tensor:
     return keep
 
 
-def calib_passes(name: str, h) -> int:
-    """Forward calls per calibration row of the block that `name` belongs to (collect_hessians runs
-    the loop whenever NUM_LOOPS > 0, and a looped layer's H sums every pass)."""
-    i = layer_index(name)
-    return h.num_loops + 1 if h.num_loops > 0 and h.loop_start <= i <= h.loop_end else 1
-
-
 def awq_groups(sd: dict, hessians: dict, h) -> dict:
     """AWQ-lite (PR #1908): the AWQ_LITE_GROUPS column groups of highest saliency over all GPTQ'd
     matrices below int8 (one ranking across tensors, as #1908's AWQ_LITE_GROUP_TOP_K). A column's
@@ -1947,7 +1948,9 @@ def awq_groups(sd: dict, hessians: dict, h) -> dict:
         cls, H = tensor_class(name, t), hessians.get(name)
         if cls not in MATRIX_CLASSES or H is None or class_bits_sigma(cls, h)[0] >= 8:
             continue
-        rms = (H.diagonal().float() / calib_passes(name, h)).clamp_min(0).sqrt().cpu()
+        # calibration runs the loop (collect_hessians): a looped layer's H sums every pass
+        passes = h.num_loops + 1 if h.num_loops > 0 and h.loop_start <= layer_index(name) <= h.loop_end else 1
+        rms = (H.diagonal().float() / passes).clamp_min(0).sqrt().cpu()
         sal = rms * t.detach().float().abs().mean(0).cpu()
         sums = sal[: sal.numel() // g * g].view(-1, g).sum(1).tolist()
         cands += [(-v, name, i * g) for i, v in enumerate(sums)]
@@ -2060,18 +2063,13 @@ def stored_bytes(field: str, t: torch.Tensor) -> bytes:
 
 
 def from_stored(field: str, buf: bytes, dtype: str, shape: list) -> torch.Tensor:
+    """Inverse of stored_bytes."""
     if dtype == "float16":
         buf = np.frombuffer(buf, np.uint8).reshape(2, -1).T.tobytes()
-    if field == "q" and len(shape) == 2:
-        return tensor_from_bytes(buf, dtype, shape[::-1]).T.contiguous()
-    return tensor_from_bytes(buf, dtype, shape)
-
-
-def tensor_from_bytes(buf: bytes, dtype: str, shape: list) -> torch.Tensor:
-    if not buf:  # torch.frombuffer refuses an empty buffer
-        return torch.empty(shape, dtype=getattr(torch, dtype))
-    t = torch.frombuffer(bytearray(buf), dtype=torch.uint8).view(getattr(torch, dtype))
-    return t.reshape(shape)
+    cols = field == "q" and len(shape) == 2
+    t = torch.frombuffer(bytearray(buf), dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
+    t = t.view(getattr(torch, dtype)).reshape(shape[::-1] if cols else shape)
+    return t.T.contiguous() if cols else t
 
 
 def compress_payload(raw: bytes, pieces: int = 16) -> bytes:
@@ -2242,6 +2240,11 @@ def load_artifact(path: str, h: Hyperparameters, d: Dist, bos_id: int, backend: 
     """The model exactly as the artifact file encodes it (same GPT class, same forward)."""
     with open(path, "rb") as f:
         state = dequantize_state_dict(deserialize(f.read()))
+    caps = state.pop("logit_caps", None)
+    if h.asym_logit_rescale:  # AsymLogit's caps start where training left them: LOGIT_SOFTCAP
+        state["logit_caps"] = torch.full((2,), LOGIT_SOFTCAP) if caps is None else caps
+    elif caps is not None and not bool((caps == LOGIT_SOFTCAP).all()):
+        raise ValueError(f"{path}: its AsymLogit caps were trained ({caps.tolist()}): keep ASYM_LOGIT_RESCALE=1")
     model = GPT(h, bos_id, backend).to(d.device)
     model.load_state_dict({k: v.to(d.device) for k, v in state.items()})
     model.trained_on_val = h.prequant_ttt_epochs > 0  # an ARCH field: the artifact carries it
@@ -2417,13 +2420,6 @@ def phase_cuts(queue: list, h: Hyperparameters) -> list:
     return [c for c in cuts if c[0] < len(queue)]  # a pause with nothing left to score is moot
 
 
-LORA_TARGETS = ("q", "k", "v", "o", "mlp", "head")  # the TTT_LORA_TARGETS names
-
-
-def lora_targets(h) -> list:
-    return [t.strip() for t in h.ttt_lora_targets.split(",") if t.strip()]
-
-
 @dataclass
 class Lora:
     """fp32 adapter pairs (A [rows, r, in], B [rows, out, r]), one row per document: per virtual
@@ -2471,15 +2467,6 @@ def ttt_bucket(n: int, length: int) -> int:
     blocks; 2560/8 = 320 -> 384) and at least 128: four compiled shapes, and short documents do not
     pay for 2048-token rows."""
     return min(b for b in {min(length, max(128, -(-(length >> k) // 128) * 128)) for k in range(4)} if b >= n)
-
-
-def chunk_schedule(spec: str) -> list:
-    """TTT_CHUNK_SCHEDULE "256:8,2000:24" -> [(256, 8), (2000, 24)], by length."""
-    try:
-        pairs = (item.split(":") for item in spec.split(",") if item.strip())
-        return sorted((int(n), int(c)) for n, c in pairs)
-    except ValueError:
-        raise ValueError(f"TTT_CHUNK_SCHEDULE={spec!r}: use LEN:CHUNK pairs, e.g. 256:8,2000:24") from None
 
 
 def batch_chunk(lens: np.ndarray, h: Hyperparameters) -> int:
@@ -2601,7 +2588,7 @@ def cosine(peak: float, i: int, n: int) -> float:
 def stream_steps(model: GPT, stream, spans: list, h, d: Dist, opt, budget, log, tag: str) -> int:
     """stream_step on each (lo, hi, lr) of `spans`, stopping when `budget` (if any) would run out."""
     for steps, (lo, hi, lr) in enumerate(spans):
-        if budget is not None and not budget.fits():
+        if budget is not None and budget.left() <= 0:
             log(f"{tag}: stopped after {steps} of {len(spans)} steps "
                 f"(EVAL_BUDGET_SECONDS={h.eval_budget_seconds:g} would be exceeded)")
             return steps
@@ -2630,7 +2617,7 @@ def ttt_pause(model, val, starts, ends, bound, phase, prog: Progress, h, d, led,
     # the scoring left, at the pace so far (conservative: later batches use shorter windows)
     budget.reserve = budget.phases["ttt_lora_scoring"] / max(prog.steps_done, 1) * prog.steps_left
     prefix = scored_prefix(prog.done, bound, d)
-    if not budget.fits():
+    if budget.left() <= 0:
         log(f"ttpp: phase:{phase + 1} skipped (budget: projected scoring {budget.reserve:.0f}s left)")
         return
     led.record("update", np.stack([prefix, starts[prefix], ends[prefix]], 1))
@@ -2664,7 +2651,9 @@ def ttt_eval(model: GPT, val: ValData, h: Hyperparameters, d: Dist, led: ScoreLe
                 sums = ttt_batch(model, lora, queue[b], starts, ends, vd, h, led, tilt)
                 prog.add_batch(b, queue[b], sums, steps[b])
                 if prog.batches % max(1, len(queue) // (20 * d.world_size)) == 0:
-                    log_ttt_batch(log, b, len(queue), prog, budget, ends[queue[b]] - starts[queue[b]])
+                    s, lens = Score(*prog.acc.tolist()), ends[queue[b]] - starts[queue[b]]  # this rank's
+                    log(f"ttp: b{b + 1}/{len(queue)} dl:{lens.min()}-{lens.max()} rl:{s.loss:.4f} "
+                        f"rb:{s.bpb:.4f} t:{budget.elapsed():.1f}s")
         if bound is not None:
             ttt_pause(model, val, starts, ends, bound, phase, prog, h, d, led, log, budget)
         begin = cut
@@ -2672,12 +2661,6 @@ def ttt_eval(model: GPT, val: ValData, h: Hyperparameters, d: Dist, led: ScoreLe
     log(f"ttt done at eval clock {budget.elapsed():.1f}s (rank 0: LoRA scoring "
         f"{budget.phases['ttt_lora_scoring']:.1f}s, global SGD {sgd_s:.1f}s)")
     return reduce_score(*prog.acc)
-
-
-def log_ttt_batch(log, b: int, n: int, prog: Progress, budget: Timer, lens):
-    s = Score(*prog.acc.tolist())  # this rank's running sums
-    log(f"ttp: b{b + 1}/{n} dl:{lens.min()}-{lens.max()} rl:{s.loss:.4f} rb:{s.bpb:.4f} "
-        f"t:{budget.elapsed():.1f}s")
 
 
 # The one scoring step every eval goes through: its own timer phase and C3/C4 ledger.
@@ -2840,7 +2823,11 @@ def train(model: GPT, h: Hyperparameters, d: Dist, spec: DataSpec, val: ValData,
                 evaluate("eval_periodic", eval_val, model, val, h, d, log, timer)
     cap = f"cap {cap_s:.1f}s" if h.max_wallclock_seconds > 0 else f"ITERATIONS={h.iterations}, no time cap"
     log(f"stopping: step {step} train_time {elapsed:.1f}s ({cap})")
-    raw = raw_eval(model, val, h, d, log, timer)
+    # the raw (pre-EMA) weights' score, as the record logs it: frozen weights and no gradients, so
+    # the graphs precompile_eval compiled serve it; neither the model nor the EMA changes
+    model.requires_grad_(False)
+    raw, _ = evaluate("eval_raw", eval_val, model, val, h, d, log, timer)
+    model.requires_grad_(True)
     ema.copy_to_model()
     pre_loop = 1000 * (loop_s / loop_at if loop_at else elapsed / max(step, 1))
     post_loop = 1000 * (elapsed - loop_s) / (step - loop_at) if loop_at is not None and step > loop_at else None
@@ -2848,16 +2835,6 @@ def train(model: GPT, h: Hyperparameters, d: Dist, spec: DataSpec, val: ValData,
                 step_avg_ms_noloop=pre_loop, step_avg_ms_loop=post_loop, loop_start_step=loop_at,
                 tokens_per_s=step * h.train_batch_tokens / max(elapsed, 1e-12),
                 val_bpb_raw=raw.bpb, val_loss_raw=raw.loss)
-
-
-def raw_eval(model: GPT, val: ValData, h: Hyperparameters, d: Dist, log, timer: Timer) -> Score:
-    """Diagnostic score of the raw (pre-EMA) weights at the last step, after the training clock
-    stopped (the record logs it). No gradients and frozen weights, as in precompile_eval, so the
-    eval graphs compiled there serve it; nothing in the model or the EMA changes."""
-    model.requires_grad_(False)
-    score, _ = evaluate("eval_raw", eval_val, model, val, h, d, log, timer)
-    model.requires_grad_(True)
-    return score
 
 
 def prequant_ttt(model: GPT, val: ValData, h: Hyperparameters, d: Dist, log):
@@ -3052,17 +3029,13 @@ def record_blockers(final: dict, h: Hyperparameters) -> list:
         why.append(f"legality: {final['legality']}")
     if not h.ttt_enabled:
         why.append("TTT_ENABLED=0")
-    return why + data_blockers(final["data"])
-
-
-def data_blockers(data: dict) -> list:
-    want = PUBLISHED_DATA.get(data["variant"])
+    data, want = final["data"], PUBLISHED_DATA.get(final["data"]["variant"])
     if want is None:
-        return [f"data variant {data['variant']}: no pinned val count (only CaseOps' export is known)"]
-    if data["train_shards"] != want[0] or data["val_targets"] not in want[1]:
-        return [f"data: {data['train_shards']} train shards, {data['val_targets']} val targets; the "
-                f"published {data['variant']} export has {want[0]} and {' or '.join(map(str, want[1]))}"]
-    return []
+        why.append(f"data variant {data['variant']}: no pinned val count (only CaseOps' export is known)")
+    elif data["train_shards"] != want[0] or data["val_targets"] not in want[1]:
+        why.append(f"data: {data['train_shards']} train shards, {data['val_targets']} val targets; the "
+                   f"published {data['variant']} export has {want[0]} and {' or '.join(map(str, want[1]))}")
+    return why
 
 
 def final_evaluation(model: GPT, val: ValData, h: Hyperparameters, d: Dist, log, timer: Timer) -> dict:

@@ -89,14 +89,15 @@ def bench(batch_tokens: int, steps: int, d, backend: str):
     if data:
         loader = tg.TrainLoader(tg.token_shards(data, "train"), h.slot_tokens, d)
     next_batch = loader.next_step if data else (lambda: synthetic_step(h, d, gen))
+    losses = []  # every step's loss, read after the timing: fixed seeds, so two versions compare
     for looping in (False, True):
         model.looping = looping
         batches = [next_batch() for _ in range(steps)]
-        tg.forward_backward(model, batches[0]); opt.step(1.0, 0.95); opt.zero_grad()
+        losses.append(tg.forward_backward(model, batches[0])); opt.step(1.0, 0.95); opt.zero_grad()
         events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
         events[0].record()
         for b, done in zip(batches, events[1:]):  # events time each step without a host sync
-            tg.forward_backward(model, b)
+            losses.append(tg.forward_backward(model, b))
             opt.step(1.0, 0.95)
             opt.zero_grad()
             done.record()
@@ -105,6 +106,7 @@ def bench(batch_tokens: int, steps: int, d, backend: str):
         out[looping] = sum(per_step) / steps
         print(f"loop {'on' if looping else 'off'} per step (ms): " + " ".join(f"{t:.0f}" for t in per_step)
               + f" | median {sorted(per_step)[steps // 2]:.1f}", flush=True)
+    print(f"losses of the {len(losses)} steps (loop off, then on): " + " ".join(f"{x.item():.4f}" for x in losses))
     if os.environ.get("BENCH_LOOP") == "1":  # what train() adds per step: the clock sync, EMA
         model.looping, ema, clock = False, tg.EMA(model, h.ema_decay, h.ema_warmup), tg.Timer(d.device)
         for extras in ("clock", "clock+ema"):

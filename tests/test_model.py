@@ -359,6 +359,33 @@ def test_asym_caps_learn_in_global_ttt_only():
     assert torch.equal(tg.dequantize_state_dict(qstate)["logit_caps"], model.logit_caps.half().float())
 
 
+def test_asym_logit_is_an_eval_setting_any_artifact_can_take(tmp_path):
+    """The caps are frozen at LOGIT_SOFTCAP in training, so an artifact trained without them scores
+    with them from that value (EVAL_ONLY may set it: an EVAL field); trained caps are never dropped."""
+    h, asym_h, d = tiny(), tiny(ASYM_LOGIT_RESCALE=1), tg.Dist(0, 1, 0, torch.device("cpu"))
+    assert "asym_logit_rescale" in tg.EVAL_FIELDS
+
+    def artifact(model, cfg):
+        path = tmp_path / f"m{len(list(tmp_path.iterdir()))}.ptz"
+        sd = {k: v.detach().float() for k, v in model.state_dict().items()}
+        path.write_bytes(tg.serialize(tg.quantize_state_dict(sd, {}, cfg, log=lambda *a: None), cfg))
+        return str(path)
+
+    plain = artifact(randomized(h), h)
+    idx = docs_batch()
+    a, b = (tg.load_artifact(plain, cfg, d, BOS, "sdpa") for cfg in (h, asym_h))
+    assert b.logit_caps.tolist() == [tg.LOGIT_SOFTCAP] * 2
+    assert torch.equal(a(idx, torch.roll(idx, -1, 1)), b(idx, torch.roll(idx, -1, 1)))
+    model = randomized(asym_h)
+    model.logit_caps.data.fill_(tg.LOGIT_SOFTCAP)  # where training leaves them
+    assert tg.load_artifact(artifact(model, asym_h), h, d, BOS, "sdpa").h.asym_logit_rescale is False
+    model.logit_caps.data.fill_(3.0)  # as global TTT or pre-quant TTT would leave them
+    trained = artifact(model, asym_h)
+    assert tg.load_artifact(trained, asym_h, d, BOS, "sdpa").logit_caps.tolist() == [3.0, 3.0]
+    with pytest.raises(ValueError, match="keep ASYM_LOGIT_RESCALE=1"):
+        tg.load_artifact(trained, h, d, BOS, "sdpa")
+
+
 # ---- sequence lengths: progressive training context (PR #2014), longer eval context ----------------
 
 

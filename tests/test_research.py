@@ -159,7 +159,6 @@ def test_raw_eval_is_logged_and_changes_nothing(smoke_dir, tmp_path, monkeypatch
     assert any(line.startswith("eval_raw val_loss") for line in lines)
     fresh = tg.GPT(h, spec.bos_id, "sdpa")
     fresh.load_state_dict(raw_weights)
-    fresh.looping = model.looping  # frac 0.5 >= ENABLE_LOOPING_AT: the loop is on at the end
     fresh.looping = model.looping  # the raw eval runs in the state training ended in
     led = tg.ScoreLedger(val.num_targets, CPU.device)
     assert real_eval(fresh, val, h, CPU, led, lines.append).bpb == pytest.approx(score.bpb, rel=1e-6)
