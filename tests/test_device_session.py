@@ -64,7 +64,7 @@ def run_levers(tmp_path, *args) -> str:
 
 def test_levers_score_an_artifact_with_eval_variants_only(tmp_path):
     on_artifact = run_levers(tmp_path, ".art/base500_base.ptz", "eval")
-    assert "tools/ab.py --artifact .art/base500_base.ptz" in on_artifact and "--variant notilt:" in on_artifact
+    assert "tools/ab.py --artifact .art/base500_base.ptz" in on_artifact and "--variant chunks:" in on_artifact
     assert "nolqer" not in run_levers(tmp_path, ".art/x.ptz")  # no quantization variants on an artifact
     on_checkpoint = run_levers(tmp_path, "/tmp/ck/final_model.pt")
     assert "--checkpoint /tmp/ck/final_model.pt" in on_checkpoint and "--variant nolqer:" in on_checkpoint
