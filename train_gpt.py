@@ -2466,7 +2466,8 @@ def ttt_bucket(n: int, length: int) -> int:
     """Window lengths are padded to length/8, /4, /2 or length, rounded up to a multiple of 128 (flex
     blocks; 2560/8 = 320 -> 384) and at least 128: four compiled shapes, and short documents do not
     pay for 2048-token rows."""
-    return min(b for b in {min(length, max(128, -(-(length >> k) // 128) * 128)) for k in range(4)} if b >= n)
+    sizes = [min(length, max(128, -(-(length >> k) // 128) * 128)) for k in range(4)]
+    return min(b for b in sizes if b >= n)
 
 
 def batch_chunk(lens: np.ndarray, h: Hyperparameters) -> int:
@@ -2903,10 +2904,11 @@ def quantize_fit(sd: dict, hess: dict, h, budget: int, log, timer, meta: dict | 
         with timer.phase("serialize"):
             blob = serialize(qstate, h, meta)  # stored_bytes moves every tensor to the CPU
         over = len(blob) - budget
-        stop = ("it fits" if over <= 0 else "FIT_TO_CAP=0" if not h.fit_to_cap else
-                "no MLP matrix to requantize" if not n_mlp else f"{FIT_TRIES} requantizations done"
-                if attempt == FIT_TRIES else f"MLP_CLIP_SIGMAS reached its bound {k_max:.3f} "
-                f"({FIT_MAX_SIGMA_RATIO:g} x the configured value)" if h.mlp_clip_sigmas >= k_max else None)
+        stops = ((over <= 0, "it fits"), (not h.fit_to_cap, "FIT_TO_CAP=0"),
+                 (not n_mlp, "no MLP matrix to requantize"), (attempt == FIT_TRIES, f"{FIT_TRIES} requantizations done"),
+                 (h.mlp_clip_sigmas >= k_max, f"MLP_CLIP_SIGMAS reached its bound {k_max:.3f} "
+                                              f"({FIT_MAX_SIGMA_RATIO:g} x the configured value)"))
+        stop = next((why for hit, why in stops if hit), None)
         if stop:
             if attempt or over > 0:
                 log(f"fit_to_cap: stopped ({stop}) at MLP_CLIP_SIGMAS {h.mlp_clip_sigmas:.3f}: model "
