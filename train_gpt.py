@@ -30,7 +30,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import brotli
 import numpy as np
@@ -173,7 +173,6 @@ class Hyperparameters:
     ngram_boost: float = 2.625  # token n-gram tilt of sliding/TTT scores (PR #2140); 0 = off
     ngram_order: int = 16  # the tilt's context: the previous NGRAM_ORDER - 1 tokens of the document
     ngram_threshold: float = 0.8  # hint when the context's top next token has this share of its uses
-    asym_logit_rescale: bool = False  # AsymLogit (PR #1923): caps for logits > 0 and <= 0, learnt in global TTT
     env_overrides: ClassVar[dict] = {}  # set by load_config: {ENV_NAME: raw} of the declared names set
 
     def __post_init__(self):
@@ -260,7 +259,6 @@ EVAL_FIELDS = (
     "ttt_chunk_size", "ttt_eval_seq_len", "ttt_batch_size", "ttt_warm_start_a", "phased_ttt_prefix_docs",
     "phased_ttt_num_phases", "global_ttt_lr", "global_ttt_chunk_tokens", "global_ttt_batch_seqs",
     "ngram_boost", "ngram_order", "ngram_threshold",
-    "asym_logit_rescale",  # the caps stay at LOGIT_SOFTCAP in training, so any artifact can take it
 )
 RUN_FIELDS = (
     "train_seq_schedule", "seq_change_warmup_steps",
@@ -360,6 +358,8 @@ RENAMED = {name: use for use, names in (
     ("nothing: not supported here", "BIGRAM_VOCAB_SIZE BIGRAM_DIM VE_ENABLED VE_DIM VE_LAYERS "
      "MTP_NUM_HEADS MTP_LOSS_WEIGHT MUON_BETA2 DTG_ENABLED VALUE_RESIDUAL TTT_OUTPUT_DIR"),
     ("NGRAM_BOOST (0 = off; PR #2140: 2.625)", "NGRAM_TILT_ENABLED TOKEN_BOOST"),
+    ("nothing: AsymLogit (PR #1923) measured no effect here and was removed (bench/RESULTS.md, "
+     "2026-12-06); the softcap is LOGIT_SOFTCAP", "ASYM_LOGIT_RESCALE"),
     ("NGRAM_ORDER", "TOKEN_ORDER"), ("NGRAM_THRESHOLD", "TOKEN_THRESHOLD"),
     ("nothing: only the token channel (#1967: the others read the scored token, C1)",
      "WITHIN_TAU WITHIN_BOOST WORD_ORDER WORD_NORMALIZE WORD_TAU WORD_BOOST"),
@@ -1261,62 +1261,42 @@ if triton is not None:
         return dpre
 
     @triton.jit
-    def softcap_ce_rows(x, tgt, nll, lse, dnll, dx, caps, dcaps, V, C: tl.constexpr, BV: tl.constexpr,
-                        GRAD: tl.constexpr, ASYM: tl.constexpr):
-        """One row of logits x per program: z = c tanh(x / c) = c (2 s - 1) with s = sigmoid(2x / c),
-        c = C, or with ASYM (AsymLogit) c = caps[0] where x > 0 and caps[1] elsewhere. Forward:
-        lse = logsumexp(z), nll = lse - z[target]. GRAD: dx = dnll (softmax(z) - onehot) * dz/dx,
-        dz/dx = 1 - tanh^2 = 4 s (1 - s); with ASYM also the row's cap gradients dcaps[row] = the sums
-        over x > 0 and x <= 0 of dnll (softmax(z) - onehot) dz/dc, dz/dc = t - (x / c)(1 - t^2)."""
+    def softcap_ce_rows(x, tgt, nll, lse, dnll, dx, V, C: tl.constexpr, BV: tl.constexpr, GRAD: tl.constexpr):
+        """One row of logits x per program: z = C tanh(x / C) = C (2 s - 1) with s = sigmoid(2x / C).
+        Forward: lse = logsumexp(z), nll = lse - z[target]. GRAD: dx = dnll (softmax(z) - onehot)
+        * dz/dx, with dz/dx = 1 - tanh^2 = 4 s (1 - s)."""
         row, cols = tl.program_id(0).to(tl.int64), tl.arange(0, BV)
         keep, target = cols < V, tl.load(tgt + row)
-        v = tl.load(x + row * V + cols, mask=keep, other=0.0).to(tl.float32)
-        if ASYM:
-            c = tl.where(v > 0, tl.load(caps), tl.load(caps + 1))
-        else:
-            c = C
-        s = tl.sigmoid(2 * v / c)
-        z = tl.where(keep, c * (2 * s - 1), -float("inf"))
+        s = tl.sigmoid(2 * tl.load(x + row * V + cols, mask=keep, other=0.0).to(tl.float32) / C)
+        z = tl.where(keep, C * (2 * s - 1), -float("inf"))
         if GRAD:
             p = tl.exp(z - tl.load(lse + row))
             dz = (p - (cols == target).to(tl.float32)) * tl.load(dnll + row)
             tl.store(dx + row * V + cols, (dz * 4 * s * (1 - s)).to(dx.dtype.element_ty), mask=keep)
-            if ASYM:  # masked columns: dz = 0
-                t = 2 * s - 1
-                g = dz * (t - v / c * (1 - t * t))
-                tl.store(dcaps + 2 * row, tl.sum(tl.where(v > 0, g, 0.0), 0))
-                tl.store(dcaps + 2 * row + 1, tl.sum(tl.where(v > 0, 0.0, g), 0))
         else:
             m = tl.max(z, 0)
             total = m + tl.log(tl.sum(tl.exp(z - m), 0))
             tl.store(lse + row, total)
             tl.store(nll + row, total - tl.sum(tl.where(cols == target, z, 0.0), 0))
 
-    def launch_softcap_ce(x, tgt, nll, lse, dnll, dx, softcap: float, grad: bool, caps=None, dcaps=None):
-        asym = caps is not None  # else lse stands in for the unused cap pointers
-        wrap_triton(softcap_ce_rows)[(x.size(0),)](
-            x, tgt, nll, lse, dnll, dx, caps if asym else lse, dcaps if asym else lse, x.size(1), C=softcap,
-            BV=triton.next_power_of_2(x.size(1)), GRAD=grad, ASYM=asym, num_warps=8)
+    def launch_softcap_ce(x, tgt, nll, lse, dnll, dx, softcap: float, grad: bool):
+        wrap_triton(softcap_ce_rows)[(x.size(0),)](x, tgt, nll, lse, dnll, dx, x.size(1), C=softcap,
+                                                  BV=triton.next_power_of_2(x.size(1)), GRAD=grad, num_warps=8)
 
     @triton_op("pgolf::softcap_ce", mutates_args=())
-    def softcap_ce(x: torch.Tensor, tgt: torch.Tensor, softcap: float,
-                   caps: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def softcap_ce(x: torch.Tensor, tgt: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
         nll = x.new_empty(x.size(0), dtype=torch.float32)
         lse = torch.empty_like(nll)
-        x, tgt = x.contiguous(), tgt.contiguous()
-        launch_softcap_ce(x, tgt, nll, lse, lse, nll, softcap, False, caps)  # dnll, dx unused
+        launch_softcap_ce(x.contiguous(), tgt.contiguous(), nll, lse, lse, nll, softcap, False)  # dnll, dx unused
         return nll, lse
 
     @triton_op("pgolf::softcap_ce_grad", mutates_args=())
     def softcap_ce_grad(dnll: torch.Tensor, x: torch.Tensor, tgt: torch.Tensor, lse: torch.Tensor,
-                        softcap: float, caps: Optional[torch.Tensor] = None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """dx and the per-row cap gradients [rows, 2] (empty without caps)."""
+                        softcap: float) -> torch.Tensor:
         x, tgt, dnll = x.contiguous(), tgt.contiguous(), dnll.contiguous()
         dx = torch.empty_like(x)
-        dcaps = lse.new_empty((x.size(0) if caps is not None else 0, 2))
-        launch_softcap_ce(x, tgt, dx, lse, dnll, dx, softcap, True, caps, dcaps)  # nll unused
-        return dx, dcaps
+        launch_softcap_ce(x, tgt, dx, lse, dnll, dx, softcap, True)  # nll unused
+        return dx
 
 
 class FusedMLP(torch.autograd.Function):
@@ -1405,53 +1385,42 @@ def final_norm(lane0, lane1):
 
 class SoftcapCE(torch.autograd.Function):
     """Per-row NLL of softcapped logits in one Triton pass over the bf16 logits, forward and
-    backward (the fused CE of PR #1787): no fp32 copy of the [rows, vocab] logits is stored.
-    caps: None, or AsymLogit's (positive, negative) caps, which then get their gradient too."""
+    backward (the fused CE of PR #1787): no fp32 copy of the [rows, vocab] logits is stored."""
 
     @staticmethod
-    def forward(ctx, logits, targets, softcap: float, caps=None):
-        nll, lse = torch.ops.pgolf.softcap_ce(logits, targets, softcap, caps)
-        ctx.save_for_backward(logits, targets, lse, caps)
+    def forward(ctx, logits, targets, softcap: float):
+        nll, lse = torch.ops.pgolf.softcap_ce(logits, targets, softcap)
+        ctx.save_for_backward(logits, targets, lse)
         ctx.softcap = softcap
         return nll
 
     @staticmethod
     def backward(ctx, g):
-        logits, targets, lse, caps = ctx.saved_tensors
-        dx, dcaps = torch.ops.pgolf.softcap_ce_grad(g, logits, targets, lse, ctx.softcap, caps)
-        return dx, None, None, dcaps.sum(0) if ctx.needs_input_grad[3] else None
+        logits, targets, lse = ctx.saved_tensors
+        return torch.ops.pgolf.softcap_ce_grad(g, logits, targets, lse, ctx.softcap), None, None
 
 
-def softcap_logits(z: torch.Tensor, softcap) -> torch.Tensor:
-    """c tanh(z / c): c = softcap, or AsymLogit's caps[0] for z > 0 and caps[1] for z <= 0."""
-    c = torch.where(z > 0, softcap[0], softcap[1]) if isinstance(softcap, torch.Tensor) else softcap
-    return c * torch.tanh(z / c)
-
-
-def softcap_nll(hidden, weight, targets, softcap, head_delta=None, hint=None, boost: float = 0.0):
-    """Per-token NLL (fp32) of the full softmax over softcapped tied-embedding logits. softcap: a
-    float, or the AsymLogit caps tensor (positive, negative). Where hint >= 0 the distribution is
-    tilted toward the hinted token (ngram_tilt; scoring only)."""
+def softcap_nll(hidden, weight, targets, softcap: float, head_delta=None, hint=None, boost: float = 0.0):
+    """Per-token NLL (fp32) of the full softmax over softcapped tied-embedding logits. Where
+    hint >= 0 the distribution is tilted toward the hinted token (ngram_tilt; scoring only)."""
     logits = F.linear(hidden, weight.to(hidden.dtype))
     if head_delta is not None:
         logits = logits + head_delta
     if use_fused_kernels(logits):
-        caps = softcap if isinstance(softcap, torch.Tensor) else None
-        fixed = 0.0 if caps is not None else float(softcap)
-        nll = SoftcapCE.apply(logits.flatten(0, 1), targets.flatten(), fixed, caps).view_as(targets)
+        nll = SoftcapCE.apply(logits.flatten(0, 1), targets.flatten(), float(softcap)).view_as(targets)
     else:
-        z = softcap_logits(logits.float(), softcap)
+        z = softcap * torch.tanh(logits.float() / softcap)
         nll = F.cross_entropy(z.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
     return nll if hint is None else ngram_tilt(nll, logits, targets, hint, softcap, boost)
 
 
-def ngram_tilt(nll, logits, targets, hint, softcap, boost: float):
+def ngram_tilt(nll, logits, targets, hint, softcap: float, boost: float):
     """Token n-gram tilt (PR #2140/#2135): the hinted token's logit + boost, then the full softmax
     renormalizes: p'(a) = p(a) e^(boost [a = hint]) / (1 + p(hint) (e^boost - 1)), so -log p'(y) =
     nll - boost [y = hint] + log1p(p(hint) (e^boost - 1)), from two gathered logits (log p(hint)
     = z_hint - lse, lse = nll + z_y). The tilt term is detached: TTT steps train on the model's NLL."""
     ids = torch.stack([targets, hint.clamp_min(0)], -1)
-    z = softcap_logits(logits.gather(-1, ids).float(), softcap)
+    z = softcap * torch.tanh(logits.gather(-1, ids).float() / softcap)
     log_p_hint = z[..., 1] - z[..., 0] - nll.detach()
     tilt = torch.log1p(math.expm1(boost) * log_p_hint.exp()) - boost * (targets == hint)
     return nll + torch.where(hint >= 0, tilt, 0.0).detach()
@@ -1471,8 +1440,6 @@ class GPT(nn.Module):
         if h.smear_gate_enabled:
             self.smear_w = nn.Parameter(torch.zeros(1, h.gate_window))
             self.smear_lambda = nn.Parameter(torch.zeros(()))
-        if h.asym_logit_rescale:  # AsymLogit (PR #1923): trained by global TTT only (see precompile_eval)
-            self.logit_caps = nn.Parameter(torch.full((2,), LOGIT_SOFTCAP), requires_grad=False)
         self.compute_dtype = torch.bfloat16 if backend != "sdpa" else torch.float32
         self.trained_on_val = False  # set by prequant_ttt (ILLEGAL), kept by the artifact (load_artifact)
         # module functions held as attributes only so that compile_model can swap in compiled
@@ -1535,8 +1502,7 @@ class GPT(nn.Module):
         (hint [B, T] with -1 = none, boost): the n-gram tilt of scoring calls (ngram_tilt)."""
         x = self.hidden(idx, lora)
         delta = None if lora is None or "head" not in lora else lora_delta(x, lora["head"], lora["scale"])
-        softcap = self.logit_caps if self.h.asym_logit_rescale else LOGIT_SOFTCAP
-        return self.nll(x, self.tok_emb.weight, targets, softcap, delta, *(tilt or (None, 0.0)))
+        return self.nll(x, self.tok_emb.weight, targets, LOGIT_SOFTCAP, delta, *(tilt or (None, 0.0)))
 
 
 def compile_model(model: GPT) -> None:
@@ -1657,7 +1623,7 @@ class Optimizers:
     """Muon + AdamW with one global-norm clip, identical on every rank and every world size."""
 
     def __init__(self, model: GPT, d: Dist, h: Hyperparameters):
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # not AsymLogit caps
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.muon = Muon([(n, p) for n, p in named if is_muon_param(n, p)], d, h)
         emb = [model.tok_emb.weight]
         small = [p for n, p in named if not is_muon_param(n, p) and p is not model.tok_emb.weight]
@@ -2240,11 +2206,6 @@ def load_artifact(path: str, h: Hyperparameters, d: Dist, bos_id: int, backend: 
     """The model exactly as the artifact file encodes it (same GPT class, same forward)."""
     with open(path, "rb") as f:
         state = dequantize_state_dict(deserialize(f.read()))
-    caps = state.pop("logit_caps", None)
-    if h.asym_logit_rescale:  # AsymLogit's caps start where training left them: LOGIT_SOFTCAP
-        state["logit_caps"] = torch.full((2,), LOGIT_SOFTCAP) if caps is None else caps
-    elif caps is not None and not bool((caps == LOGIT_SOFTCAP).all()):
-        raise ValueError(f"{path}: its AsymLogit caps were trained ({caps.tolist()}): keep ASYM_LOGIT_RESCALE=1")
     model = GPT(h, bos_id, backend).to(d.device)
     model.load_state_dict({k: v.to(d.device) for k, v in state.items()})
     model.trained_on_val = h.prequant_ttt_epochs > 0  # an ARCH field: the artifact carries it
@@ -2762,15 +2723,11 @@ def eval_warmup(model: GPT, h: Hyperparameters, d: Dist, bos_id: int):
 def precompile_eval(model: GPT, h: Hyperparameters, d: Dist, bos_id: int):
     """Compile the eval graphs before training, on random tokens. The artifact's model (same
     classes, shapes and flags) reuses them, so its eval_warmup only runs them: the 63 graphs of
-    the TTT eval took 297 s to compile on an H100 (bench/RESULTS.md). Then back to training,
-    where every weight learns except the AsymLogit caps: records kept the training loss at the
-    fixed LOGIT_SOFTCAP (PR #1923); only global TTT, which trains every weight, moves them."""
+    the TTT eval took 297 s to compile on an H100 (bench/RESULTS.md). Then back to training."""
     scoring_state(model, h)
     eval_warmup(model, h, d, bos_id)
     model.looping, model.seq_len = False, h.train_seq_len
     model.requires_grad_(True)
-    if h.asym_logit_rescale:
-        model.logit_caps.requires_grad_(False)
     if d.device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()  # peak_mem_mib reports training, not this warmup

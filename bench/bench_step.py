@@ -5,7 +5,7 @@
   BENCH_DATA=/tmp/bench_caseops python bench/bench_step.py   # real shards instead of random tokens
   ATTN_BACKEND=varlen python bench/bench_step.py            # one backend (default: what auto picks)
   FUSED_MLP=0 python bench/bench_step.py                    # A/B: the MLP without the Triton kernel
-  ASYM_LOGIT_RESCALE=1 python bench/bench_step.py           # A/B: any declared train_gpt env var (a lever)
+  MLP_LEAKY_SLOPE=0.3 python bench/bench_step.py            # A/B: any declared train_gpt env var (a lever)
   FLEX_DEFAULTS=1 python bench/bench_step.py                # A/B: torch's flex tiles, not FLEX_OPTIONS
   BENCH_LOOP=1 python bench/bench_step.py                   # + the training loop's per-step clock and EMA
   BENCH_INDUCTOR=coordinate_descent_tuning=1 python bench/bench_step.py   # A/B: inductor settings

@@ -37,16 +37,16 @@ def main():
     tgt = torch.randint(0, V, (M,), device="cuda")
     dnll = torch.rand(M, device="cuda")
     nll, lse = tg.softcap_ce(x, tgt, C)
-    dx, _ = tg.softcap_ce_grad(dnll, x, tgt, lse, C)
+    dx = tg.softcap_ce_grad(dnll, x, tgt, lse, C)
     n2, l2, d2 = torch.empty_like(nll), torch.empty_like(lse), torch.empty_like(dx)
     print(f"logits {M}x{V} bf16: {2 * M * V / 1e9:.2f} GB per pass")
     for warps in (4, 8, 16, 32):
         def fwd():
-            tg.softcap_ce_rows[(M,)](x, tgt, n2, l2, l2, n2, l2, l2, V, C=C, BV=V, GRAD=False, ASYM=False,
+            tg.softcap_ce_rows[(M,)](x, tgt, n2, l2, l2, n2, V, C=C, BV=V, GRAD=False,
                                      num_warps=warps)
 
         def bwd():
-            tg.softcap_ce_rows[(M,)](x, tgt, n2, lse, dnll, d2, lse, lse, V, C=C, BV=V, GRAD=True, ASYM=False,
+            tg.softcap_ce_rows[(M,)](x, tgt, n2, lse, dnll, d2, V, C=C, BV=V, GRAD=True,
                                      num_warps=warps)
         f, b = timed(fwd, reps=8), timed(bwd, reps=8)
         same = torch.equal(n2, nll) and torch.equal(l2, lse) and torch.equal(d2, dx)

@@ -69,11 +69,10 @@ def test_ab_artifact_scores_the_saved_file_as_the_checkpoint_run_did(smoke_dir, 
     monkeypatch.setenv("DATA_PATH", smoke_dir)  # paths are the machine's, not the artifact's
     monkeypatch.setenv("TOKENIZER_PATH", os.path.join(smoke_dir, "smoke_caseops_1024.model"))
     assert ab.main(["--artifact", art, "--variant", "base:", "--variant", "sl:SLIDING_ENABLED=1",
-                    "--variant", "asym:ASYM_LOGIT_RESCALE=1", "--json", two]) == 0
+                    "--json", two]) == 0
     ck_rows, rows = json.load(open(one))["rows"], {r["variant"]: r for r in json.load(open(two))["rows"]}
     assert rows["base"]["val_bpb"] == ck_rows[0]["val_bpb"] and rows["base"]["quantized_as"] == "artifact"
     assert rows["sl"]["scored_by"] == "eval_sliding" and rows["sl"]["model_bytes"] == os.path.getsize(art)
-    assert rows["asym"]["val_bpb"] == rows["base"]["val_bpb"]  # caps at LOGIT_SOFTCAP: no TTT, no change
     assert ab.main(["--artifact", art, "--variant", "nolqer:LQER_ENABLED=0"]) == 2
     monkeypatch.setenv("NUM_LAYERS", "3")
     assert ab.main(["--artifact", art, "--variant", "base:"]) == 2

@@ -50,8 +50,8 @@ RECORD_1855 = dict(
     global_ttt_lr=0.001, global_ttt_chunk_tokens=32768,
     ttt_lora_rank=80, ttt_lora_alpha=144.0, ttt_lora_lr=1e-4, ttt_beta2=0.99, ttt_weight_decay=0.5,
     ttt_chunk_size=48, ttt_eval_seq_len=2048, ttt_batch_size=64, ttt_warm_start_a=True,
-    # not in #1855: AsymLogit (#1923), the chunk schedule (#2014) and the illegal pre-quant TTT (#1738)
-    asym_logit_rescale=False, ttt_chunk_schedule="",
+    # not in #1855: the chunk schedule (#2014) and the illegal pre-quant TTT (#1738)
+    ttt_chunk_schedule="",
     prequant_ttt_epochs=0,
 )
 

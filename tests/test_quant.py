@@ -180,7 +180,7 @@ def test_lqer_factor_that_does_not_split_into_groups_is_refused():
     assert tg.load_config({"LQER_ASYM_GROUP": "32", "LQER_RANK": "2"}).lqer_asym_group == 32
 
 
-@pytest.mark.parametrize("env", [{}, {"SMOKE": "1"}, {"ATTN_GATE": "dense"}, {"ASYM_LOGIT_RESCALE": "1"}])
+@pytest.mark.parametrize("env", [{}, {"SMOKE": "1"}, {"ATTN_GATE": "dense"}])
 def test_every_tensor_of_the_model_has_a_quantization_rule(env):
     """No tensor of the model falls outside embed/attn/mlp GPTQ, the int8 gate rows and the fp16
     passthrough (the `matrix` class and MATRIX_CLIP_SIGMAS were unreachable and are gone); a
