@@ -244,7 +244,8 @@ NOT_HASHED = ("seed", "run_id", "data_path", "tokenizer_path", "artifact_dir", "
 # value is the default, an env var may override it (logged). RUN_FIELDS are not stored: training,
 # quantization, paths, logging, machine choices (ATTN_BACKEND: same math).
 ARCH_FIELDS = (
-    "mlp_leaky_slope", "vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
+    "mlp_leaky_slope", "vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
+    "rope_dims",
     "loop_start", "loop_end", "num_loops", "parallel_start_layer", "gate_window", "smear_gate_enabled",
     "attn_gate", "sparse_attn_gate_scale",
     "train_seq_len",  # attention segments are cut every TRAIN_SEQ_LEN tokens
@@ -1287,7 +1288,8 @@ if triton is not None:
     def softcap_ce(x: torch.Tensor, tgt: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
         nll = x.new_empty(x.size(0), dtype=torch.float32)
         lse = torch.empty_like(nll)
-        launch_softcap_ce(x.contiguous(), tgt.contiguous(), nll, lse, lse, nll, softcap, False)  # dnll, dx unused
+        x, tgt = x.contiguous(), tgt.contiguous()
+        launch_softcap_ce(x, tgt, nll, lse, lse, nll, softcap, False)  # dnll, dx unused
         return nll, lse
 
     @triton_op("pgolf::softcap_ce_grad", mutates_args=())
@@ -2862,7 +2864,8 @@ def quantize_fit(sd: dict, hess: dict, h, budget: int, log, timer, meta: dict | 
             blob = serialize(qstate, h, meta)  # stored_bytes moves every tensor to the CPU
         over = len(blob) - budget
         stops = ((over <= 0, "it fits"), (not h.fit_to_cap, "FIT_TO_CAP=0"),
-                 (not n_mlp, "no MLP matrix to requantize"), (attempt == FIT_TRIES, f"{FIT_TRIES} requantizations done"),
+                 (not n_mlp, "no MLP matrix to requantize"),
+                 (attempt == FIT_TRIES, f"{FIT_TRIES} requantizations done"),
                  (h.mlp_clip_sigmas >= k_max, f"MLP_CLIP_SIGMAS reached its bound {k_max:.3f} "
                                               f"({FIT_MAX_SIGMA_RATIO:g} x the configured value)"))
         stop = next((why for hit, why in stops if hit), None)
