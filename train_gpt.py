@@ -1625,7 +1625,7 @@ class Optimizers:
     """Muon + AdamW with one global-norm clip, identical on every rank and every world size."""
 
     def __init__(self, model: GPT, d: Dist, h: Hyperparameters):
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        named = list(model.named_parameters())
         self.muon = Muon([(n, p) for n, p in named if is_muon_param(n, p)], d, h)
         emb = [model.tok_emb.weight]
         small = [p for n, p in named if not is_muon_param(n, p) and p is not model.tok_emb.weight]

@@ -115,7 +115,7 @@ levers)  # eval/quantization levers on one set of weights: quantization ones (fa
   evals="--variant ttt:TTT_ENABLED=1 --variant ttt3072:TTT_ENABLED=1,EVAL_SEQ_LEN=3072,TTT_EVAL_SEQ_LEN=3072
     --variant chunks:TTT_ENABLED=1,TTT_CHUNK_SCHEDULE=256:8,2000:24
     --variant fieldttt:TTT_ENABLED=1,TTT_LOCAL_LR_MULT=0.8,TTT_LORA_LR=8e-5,PHASED_TTT_NUM_PHASES=1
-    --variant nottt:TTT_ENABLED=0"  # the unmeasured TTT rows first (tilt, no-Q/V, AsymLogit: RESULTS)
+    --variant nottt:TTT_ENABLED=0"  # TTT rows not yet measured (tilt, no-Q/V, AsymLogit are in RESULTS)
   case "${3:-all}" in quant) evals= ;; eval) quant= ;; esac
   ck=${2:-/tmp/art_r300/final_model.pt}; src=--checkpoint
   case "$ck" in *.ptz) src=--artifact; quant= ;; esac  # an artifact: eval levers only
